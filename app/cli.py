@@ -1,0 +1,79 @@
+"""The `scen` command line: serve, worker, db, eval."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help="SCEN model-editing service.")
+db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
+cli.add_typer(db_cli, name="db")
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+) -> None:
+    """Start the HTTP API (with an embedded worker and queue unless SCEN_* settings say otherwise)."""
+    _logging()
+    from app.api.server import serve as run_server
+
+    run_server(host=host, port=port)
+
+
+@cli.command()
+def worker() -> None:
+    """Start an edit worker that consumes the Redis queue."""
+    _logging()
+    from workers.main import run as run_worker
+
+    run_worker()
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply Alembic migrations to SCEN_DATABASE_URL."""
+    _logging()
+    from app.db.migrate import upgrade
+
+    upgrade(revision)
+
+
+@cli.command("eval")
+def eval_(
+    dataset: Annotated[Path, typer.Option(help="ZsRE (MEND), EasyEdit/KnowEdit, CounterFact or hallucination JSON.")],
+    edits: Annotated[str, typer.Option(help="Number of sequential edits, or checkpoints such as 10,50,200.")] = "200",
+    seed: Annotated[int, typer.Option(help="Seed of the record shuffle and of training.")] = 0,
+    out: Annotated[Path, typer.Option(help="Where to write results.json.")] = Path("results.json"),
+    model: Annotated[Optional[str], typer.Option(help="HF id or path; default: the bundled SmolLM2.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "scen",
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Engine setting, e.g. --set layer=25 --set theta=0.65.")
+    ] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option(help="e.g. theta=0.5:0.9:0.05")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Sequentially edit a dataset and measure reliability, generality and locality."""
+    _logging(verbose)
+    from app.eval.runner import run_from_cli
+
+    run_from_cli(
+        dataset=dataset, edits=edits, seed=seed, out=out, model=model, methods=methods,
+        overrides=set_ or [], sweeps=sweep or [], resume=resume,
+    )
+
+
+def main() -> None:
+    cli()
