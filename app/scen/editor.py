@@ -1,0 +1,327 @@
+"""The editor: one owner of a live model's edits.
+
+It wraps a loaded causal LM, swaps the edited layer's down projection for a
+``RoutedDown`` and offers small verbs: ``train`` an edit (no change to the live
+model), ``add`` / ``remove`` it, ``sync`` to a wanted set, and ``generate`` /
+``route`` / ``teacher_forced`` for serving and evaluation. All model access goes
+through one lock, so threads can share an editor safely.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from app.scen.adapters import adapter_for
+from app.scen.config import ScenConfig
+from app.scen.errors import InvalidEditError, UnknownEditError
+from app.scen.experts import new_expert
+from app.scen.prompts import Batch, encode, prompt_ids, target_ids
+from app.scen.routed import RoutedDown, Router
+from app.scen.training import Timer, TrainedEdit, train_expert, train_neuron
+
+
+@dataclass
+class Route:
+    edit_id: str | None
+    activation: float
+
+
+@dataclass
+class Generation:
+    text: str
+    edit_id: str | None
+    activation: float
+
+
+@dataclass
+class TeacherForced:
+    predicted: list[int]  # argmax at each target position
+    target: list[int]
+    edit_id: str | None
+    activation: float
+
+    @property
+    def accuracy(self) -> float:
+        return sum(p == t for p, t in zip(self.predicted, self.target)) / len(self.target)
+
+
+class _StopForward(Exception):
+    """Raised from the edited layer once its output is recorded: nothing above is needed."""
+
+
+def pool_prompts() -> list[str]:
+    text = resources.files("app.scen").joinpath("pool.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class Editor:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: ScenConfig | None = None,
+        batch_size: int = 16,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or ScenConfig()
+        self.batch_size = batch_size
+        self.adapter = adapter_for(model)
+        self.layers = self.adapter.layer_list(model)
+        L = len(self.layers)
+        self.layer = self.config.layer if self.config.layer is not None else round(L * 5 / 6)
+        if not 0 <= self.layer < L:
+            raise ValueError(f"layer {self.layer} out of range: the model has {L} layers (0..{L - 1})")
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs an eos token and a pad token")
+        self.device = next(model.parameters()).device
+        self._lock = threading.RLock()
+        self._ids: list[str] = []  # slot -> edit id
+        self._edits: dict[str, TrainedEdit] = {}
+        self._version = 0
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+
+        layer_module = self.layers[self.layer]
+        down = self.adapter.get_down(layer_module)
+        if isinstance(down, RoutedDown):
+            raise ValueError("this model already has an editor attached")
+        h = self.adapter.down_weight(down).shape[1]
+        self.routed = RoutedDown(down, Router(torch.zeros(h, device=self.device), self.config.theta))
+        self.adapter.set_down(layer_module, self.routed)
+        self._pool_keys = self._prompt_keys(pool_prompts())  # (N, h)
+        self.routed.router.center = self._pool_keys.mean(0)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def edit_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def get(self, edit_id: str) -> TrainedEdit:
+        try:
+            return self._edits[edit_id]
+        except KeyError:
+            raise UnknownEditError(edit_id) from None
+
+    # ---- editing --------------------------------------------------------------------------
+
+    def validate(self, prompt: str, target: str, rephrases: Sequence[str] = ()) -> None:
+        """Raise ``InvalidEditError`` when the edit cannot be trained; changes nothing."""
+        cfg = self.config
+        for name, text in [("prompt", prompt), ("target", target)] + [
+            (f"rephrases[{i}]", r) for i, r in enumerate(rephrases)
+        ]:
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidEditError(f"{name} must be a non-empty string")
+        for name, text in [("prompt", prompt)] + [(f"rephrases[{i}]", r) for i, r in enumerate(rephrases)]:
+            n = len(prompt_ids(self.tokenizer, text))
+            if n > cfg.max_prompt_tokens:
+                raise InvalidEditError(f"{name} is {n} tokens after formatting; the limit is {cfg.max_prompt_tokens}")
+        n = len(target_ids(self.tokenizer, target)) - 1
+        if n > cfg.max_target_tokens:
+            raise InvalidEditError(f"target is {n} tokens; the limit is {cfg.max_target_tokens}")
+
+    def train(self, prompt: str, target: str, rephrases: Sequence[str] = ()) -> TrainedEdit:
+        """Train the expert and indexing neuron of one edit against the live edits.
+
+        The live model is not changed; ``add`` the result to serve it.
+        """
+        self.validate(prompt, target, rephrases)
+        rephrases = tuple(rephrases)
+        texts = [prompt, *rephrases]
+        with self._lock, torch.no_grad():
+            timer = Timer()
+            batch = encode(self.tokenizer, texts, [target] * len(texts)).to(self.device)
+            out, keys = self._record(batch)  # (B, T, d), (B, T, h)
+            d, h = out.shape[-1], keys.shape[-1]
+            expert = new_expert(self.config.expert, d, h, self.config.rank, self._generator).to(self.device)
+            metrics = train_expert(self.model, self.layers, self.layer, batch, out, keys, expert, self.config)
+            metrics["expert_seconds"] = timer.seconds
+
+            edit_keys = keys[torch.arange(len(texts)), batch.prompt_last]  # (R, h)
+            router = self.routed.router
+            neuron = train_neuron(router.normalise(edit_keys), self._negatives(), self.config, self._generator)
+            a = torch.sigmoid(router.normalise(edit_keys) @ neuron)
+            metrics.update(
+                activation=a[0].item(),
+                rephrase_activations=a[1:].tolist(),
+                seconds=timer.seconds,
+            )
+        return TrainedEdit(prompt, target, rephrases, self.layer, expert, neuron, edit_keys.cpu(), metrics)
+
+    def add(self, edit_id: str, edit: TrainedEdit) -> bool:
+        """Append an edit to the live model. False (no change) if it is already live."""
+        if edit.layer != self.layer:
+            raise ValueError(f"edit {edit_id} was trained at layer {edit.layer}; this editor edits layer {self.layer}")
+        with self._lock:
+            if edit_id in self._edits:
+                return False
+            self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device))
+            self._ids.append(edit_id)
+            self._edits[edit_id] = edit
+            self._version += 1
+            return True
+
+    def remove(self, edit_id: str) -> bool:
+        """Take an edit out of the live model. False (no change) if it is not live."""
+        with self._lock:
+            if edit_id not in self._edits:
+                return False
+            slot = self._ids.index(edit_id)
+            self.routed.pop(slot)
+            del self._ids[slot]
+            del self._edits[edit_id]
+            self._version += 1
+            return True
+
+    def sync(self, wanted: Sequence[str], load: Callable[[str], TrainedEdit]) -> tuple[list[str], list[str]]:
+        """Make the live set equal ``wanted``; returns (added, removed) ids."""
+        with self._lock:
+            wanted_set = set(wanted)
+            removed = [i for i in self._ids if i not in wanted_set]
+            for edit_id in removed:
+                self.remove(edit_id)
+            added = [i for i in wanted if i not in self._edits]
+            for edit_id in added:
+                self.add(edit_id, load(edit_id))
+            return added, removed
+
+    # ---- inference ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        results: list[Generation] = []
+        for chunk in _chunks(prompts, self.batch_size):
+            batch = encode(self.tokenizer, chunk).to(self.device)
+            with self._lock, self.routed.session() as session:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+                out = self.model.generate(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    **sampling,
+                )
+                routes = self._routes(session.get("routing"), len(chunk))
+            texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+            results += [Generation(t, r.edit_id, r.activation) for t, r in zip(texts, routes)]
+        return results
+
+    @torch.no_grad()
+    def route(self, prompts: Sequence[str]) -> list[Route]:
+        acts = self.activations(prompts)  # (n, E)
+        if acts.shape[1] == 0:
+            return [Route(None, 0.0) for _ in prompts]
+        top, slot = acts.max(-1)
+        theta = self.routed.router.theta
+        return [
+            Route(self._ids[s] if a > theta else None, a)
+            for a, s in zip(top.tolist(), slot.tolist())
+        ]
+
+    @torch.no_grad()
+    def activations(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Every live neuron's activation on each prompt, (n, E), columns in ``edit_ids`` order."""
+        with self._lock:
+            return self.routed.router.activations(self._prompt_keys(prompts)).cpu()
+
+    @torch.no_grad()
+    def teacher_forced(
+        self, prompts: Sequence[str], targets: Sequence[str], force: Sequence[str | None] | None = None
+    ) -> list[TeacherForced]:
+        """Argmax predictions at every target position given the true prefix.
+
+        Routing is decided at the last prompt token as in generation, or taken from
+        ``force`` (edit id per row, None = base model).
+        """
+        results: list[TeacherForced] = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            batch = encode(self.tokenizer, prompts[start:stop], targets[start:stop]).to(self.device)
+            n = max(len(t) for t in batch.targets)
+            with self._lock:
+                if force is None:
+                    ctx = self.routed.session(at=batch.prompt_last)
+                else:
+                    slots = [self._ids.index(e) if e is not None else -1 for e in force[start:stop]]
+                    ctx = self.routed.forced(torch.tensor(slots, device=self.device))
+                with ctx as session:
+                    logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=n + 1).logits
+                    routing = session.get("routing") if isinstance(session, dict) else None
+            pred = logits[:, :n].argmax(-1).cpu()  # (B, n); row i's target is its last len(t) of them
+            routes = self._routes(routing, len(batch.targets)) if force is None else [
+                Route(e, 1.0 if e else 0.0) for e in force[start:stop]
+            ]
+            for i, t in enumerate(batch.targets):
+                results.append(TeacherForced(pred[i, n - len(t):].tolist(), t, routes[i].edit_id, routes[i].activation))
+        return results
+
+    def token_accuracy(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
+        return [r.accuracy for r in self.teacher_forced(prompts, targets)]
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _routes(self, routing, n: int) -> list[Route]:
+        if routing is None:
+            return [Route(None, 0.0)] * n
+        return [
+            Route(self._ids[s] if s >= 0 else None, a)
+            for s, a in zip(routing.slots.tolist(), routing.activations.tolist())
+        ]
+
+    def _record(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edited layer's base output and keys for a batch, without running the layers above."""
+        recorded = {}
+
+        def stop(module, args, output):
+            recorded["out"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = self.layers[self.layer].register_forward_hook(stop)
+        try:
+            with self.routed.capturing() as keys:
+                self.model(**batch.model_inputs(), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return recorded["out"], keys[0]
+
+    def _prompt_keys(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Raw keys (n, h) at the last token of each formatted prompt."""
+        parts = []
+        with self._lock, torch.no_grad():
+            for chunk in _chunks(prompts, self.batch_size):
+                _, keys = self._record(encode(self.tokenizer, chunk).to(self.device))
+                parts.append(keys[:, -1])
+        return torch.cat(parts)
+
+    def _negatives(self) -> torch.Tensor:
+        """Normalised keys a new neuron must not fire on: ordinary prompts and live edits."""
+        keys = [self._pool_keys] + [e.keys.to(self.device) for e in self._edits.values()]
+        return self.routed.router.normalise(torch.cat(keys))
+
+
+def _chunks(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,71 @@
+"""Experts: per-edit replacements of the down projection, stored as deltas.
+
+An expert is the paper's trained copy ``W_down^t`` of ``W_down``. It is stored
+as ``W_down^t - W_down`` (zero at the start of training, which is the same
+optimisation as starting from a copy), so a low-rank variant is the same object
+with a factored delta and the base weights are never duplicated in memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Expert(nn.Module):
+    """Delta of the down projection: ``delta(k)`` is added to ``down(k)``."""
+
+    kind: str
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:  # (..., h) -> (..., d)
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters()}
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> "Expert":
+        if set(tensors) == {"delta"}:
+            expert: Expert = FullExpert(*tensors["delta"].shape)
+        elif set(tensors) == {"a", "b"}:
+            d, r = tensors["b"].shape
+            expert = LowRankExpert(d, tensors["a"].shape[1], r)
+        else:
+            raise ValueError(f"unrecognised expert tensors: {sorted(tensors)}")
+        expert.load_state_dict(tensors)
+        return expert.requires_grad_(False)
+
+
+class FullExpert(Expert):
+    kind = "full"
+
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(d, h))
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        return k @ self.delta.T
+
+
+class LowRankExpert(Expert):
+    kind = "lowrank"
+
+    def __init__(self, d: int, h: int, rank: int, generator: torch.Generator | None = None):
+        super().__init__()
+        # b starts at zero so the expert starts as the base layer; a is random so
+        # the first gradient step on b is not zero.
+        self.a = nn.Parameter(torch.randn(rank, h, generator=generator) / math.sqrt(h))
+        self.b = nn.Parameter(torch.zeros(d, rank))
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        return (k @ self.a.T) @ self.b.T
+
+
+def new_expert(kind: str, d: int, h: int, rank: int, generator: torch.Generator | None = None) -> Expert:
+    if kind == "full":
+        return FullExpert(d, h)
+    if kind == "lowrank":
+        return LowRankExpert(d, h, rank, generator)
+    raise ValueError(f"unknown expert kind {kind!r}; expected 'full' or 'lowrank'")

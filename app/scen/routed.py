@@ -1,0 +1,139 @@
+"""The routed down projection that replaces ``W_down`` in the edited layer.
+
+It computes ``down(k)`` exactly as before, reads the key of each sequence at its
+routing position, and for sequences whose top neuron fires above theta adds that
+edit's expert delta. One batch can therefore mix base-model rows and rows served
+by different experts. Routing is decided once per sequence, at prefill, and held
+for every generated token (a *routing session*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.scen.experts import Expert
+
+
+@dataclass
+class Routing:
+    slots: torch.Tensor  # (B,) expert slot per sequence, -1 = base model
+    activations: torch.Tensor  # (B,) top neuron activation per sequence (0 when no neurons)
+
+
+class Router(nn.Module):
+    """Indexing neurons over normalised keys.
+
+    Raw keys of one layer are nearly collinear with large norms, so a neuron on raw
+    keys cannot separate prompts; keys are centred on the mean key of ordinary
+    prompts and scaled to unit length first (``normalise``).
+    """
+
+    def __init__(self, center: torch.Tensor, theta: float):
+        super().__init__()
+        self.theta = theta
+        self.register_buffer("center", center)  # (h,)
+        self.register_buffer("neurons", center.new_zeros(0, center.numel()))  # W_merge, (E, h)
+
+    def normalise(self, keys: torch.Tensor) -> torch.Tensor:
+        return F.normalize(keys.float() - self.center, dim=-1)
+
+    def activations(self, keys: torch.Tensor) -> torch.Tensor:  # (B, h) -> (B, E)
+        return torch.sigmoid(self.normalise(keys) @ self.neurons.T)
+
+    def route(self, keys: torch.Tensor) -> Routing:
+        B = keys.shape[0]
+        if self.neurons.shape[0] == 0:
+            return Routing(keys.new_full((B,), -1, dtype=torch.long), keys.new_zeros(B, dtype=torch.float))
+        top, slot = self.activations(keys).max(dim=-1)
+        return Routing(torch.where(top > self.theta, slot, -1), top)
+
+
+class RoutedDown(nn.Module):
+    def __init__(self, base: nn.Module, router: Router):
+        super().__init__()
+        self.base = base
+        self.router = router
+        self.experts = nn.ModuleList()  # slot i <-> router.neurons[i]
+        self._session: dict | None = None
+        self._capture: list[torch.Tensor] | None = None
+        self._forced: torch.Tensor | None = None
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:  # (B, T, h) -> (B, T, d)
+        out = self.base(k)
+        if self._capture is not None:
+            self._capture.append(k.detach())
+            return out
+        routing = self._routing(k)
+        if routing is None:
+            return out
+        for slot in routing.slots.unique().tolist():
+            if slot < 0:
+                continue
+            rows = routing.slots == slot
+            out[rows] = out[rows] + self.experts[slot](k[rows])
+        return out
+
+    def _routing(self, k: torch.Tensor) -> Routing | None:
+        if self._forced is not None:
+            return Routing(self._forced, torch.ones_like(self._forced, dtype=torch.float))
+        if len(self.experts) == 0:
+            return None
+        session = self._session
+        if session is not None and session.get("routing") is not None:
+            return session["routing"]  # decode step: keep the prefill decision
+        B, T, _ = k.shape
+        at = session.get("at") if session is not None else None
+        at = torch.full((B,), T - 1, device=k.device) if at is None else at.to(k.device)
+        routing = self.router.route(k[torch.arange(B, device=k.device), at])  # keys: (B, h)
+        if session is not None:
+            session["routing"] = routing
+        return routing
+
+    # ---- contexts used by the editor -------------------------------------------------
+
+    @contextlib.contextmanager
+    def session(self, at: torch.Tensor | None = None):
+        """Route each sequence once (at ``at``, default its last position) and hold it.
+
+        Yields a dict whose ``routing`` entry holds the decision after the first forward.
+        """
+        self._session = {"at": at, "routing": None}
+        try:
+            yield self._session
+        finally:
+            self._session = None
+
+    @contextlib.contextmanager
+    def forced(self, slots: torch.Tensor):
+        """Use the given slot per sequence (-1 = base), bypassing the neurons."""
+        self._forced = slots
+        try:
+            yield
+        finally:
+            self._forced = None
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Record every key this module sees, with routing off (base model)."""
+        self._capture = []
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
+
+    # ---- live set ----------------------------------------------------------------------
+
+    def append(self, expert: Expert, neuron: torch.Tensor) -> int:
+        self.experts.append(expert)
+        self.router.neurons = torch.cat([self.router.neurons, neuron.reshape(1, -1)])
+        return len(self.experts) - 1
+
+    def pop(self, slot: int) -> None:
+        del self.experts[slot]
+        keep = [i for i in range(self.router.neurons.shape[0]) if i != slot]
+        self.router.neurons = self.router.neurons[keep]

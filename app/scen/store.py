@@ -1,0 +1,85 @@
+"""Edits on disk: one safetensors file each, written atomically, checked by sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from app.scen.errors import IntegrityError
+from app.scen.experts import Expert
+from app.scen.training import TrainedEdit
+
+FORMAT = "scen-edit/1"
+
+
+def save_edit(edit: TrainedEdit, path: str | os.PathLike) -> str:
+    """Write ``edit`` to ``path`` (temp file, fsync, rename) and return its sha256."""
+    tensors = {f"expert.{k}": v.detach().cpu().contiguous() for k, v in edit.expert.tensors().items()}
+    tensors["neuron"] = edit.neuron.detach().cpu().contiguous()
+    tensors["keys"] = edit.keys.detach().cpu().contiguous()
+    metadata = {
+        "format": FORMAT,
+        "prompt": edit.prompt,
+        "target": edit.target,
+        "rephrases": json.dumps(list(edit.rephrases)),
+        "layer": str(edit.layer),
+        "expert_kind": edit.expert.kind,
+        "metrics": json.dumps(edit.metrics),
+    }
+    data = st_save(tensors, metadata=metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a crash
+    finally:
+        os.close(dir_fd)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_edit(path: str | os.PathLike, sha256: str | None = None) -> TrainedEdit:
+    """Read an edit; with ``sha256`` given, refuse a file whose bytes do not match."""
+    data = Path(path).read_bytes()
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise IntegrityError(f"{path}: sha256 is {actual}, expected {sha256}")
+    try:
+        meta = _metadata(data)
+        if meta.get("format") != FORMAT:
+            raise IntegrityError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        tensors = st_load(data)
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{path}: not a readable edit file ({exc})") from None
+    expert = Expert.from_tensors({k.removeprefix("expert."): v for k, v in tensors.items() if k.startswith("expert.")})
+    return TrainedEdit(
+        prompt=meta["prompt"],
+        target=meta["target"],
+        rephrases=tuple(json.loads(meta["rephrases"])),
+        layer=int(meta["layer"]),
+        expert=expert,
+        neuron=tensors["neuron"],
+        keys=tensors["keys"],
+        metrics=json.loads(meta["metrics"]),
+    )
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})

@@ -1,0 +1,155 @@
+"""The two training stages of one edit.
+
+Stage 1 trains the expert. Everything up to and including the edited layer's key
+is frozen, so one forward pass records, at layer l, the layer's output ``out_l``
+and the key ``k``; with expert delta ``D`` the edited layer outputs
+``out_l + D(k)``. Each training step therefore replays only the layers above l
+(the lower layers are swapped for pass-throughs while the step runs).
+
+Stage 2 trains the indexing neuron on stored keys alone (no model pass), with
+the paper's loss ``exp(-a_t) + m * (mean exp(a_i + alpha) + mean exp(a_i - a_t + beta))``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from app.scen.config import ScenConfig
+from app.scen.experts import Expert
+from app.scen.prompts import Batch
+
+
+@dataclass
+class TrainedEdit:
+    """Everything needed to put one edit into a live model, and to audit it."""
+
+    prompt: str
+    target: str
+    rephrases: tuple[str, ...]
+    layer: int
+    expert: Expert
+    neuron: torch.Tensor  # (h,) indexing neuron over normalised keys
+    keys: torch.Tensor  # (1 + len(rephrases), h) raw keys of the prompt and rephrases
+    metrics: dict = field(default_factory=dict)
+
+
+class _PassThrough(nn.Module):
+    def __init__(self, like: nn.Module):
+        super().__init__()
+        # Some models pick the attention mask by the layer's attention type.
+        if hasattr(like, "attention_type"):
+            self.attention_type = like.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Replay(_PassThrough):
+    """Stands in for the edited layer: its recorded output plus the expert's delta."""
+
+    def __init__(self, like: nn.Module, out: torch.Tensor, keys: torch.Tensor, expert: Expert):
+        super().__init__(like)
+        self.out, self.keys, self.expert = out, keys, expert
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.out + self.expert(self.keys)  # (B, T, d)
+
+
+@contextlib.contextmanager
+def replay_above(layers: nn.ModuleList, layer: int, replay: nn.Module):
+    saved = [layers[i] for i in range(layer + 1)]
+    for i in range(layer):
+        layers[i] = _PassThrough(saved[i])
+    layers[layer] = replay
+    try:
+        yield
+    finally:
+        for i, module in enumerate(saved):
+            layers[i] = module
+
+
+def train_expert(
+    model: PreTrainedModel,
+    layers: nn.ModuleList,
+    layer: int,
+    batch: Batch,
+    out: torch.Tensor,
+    keys: torch.Tensor,
+    expert: Expert,
+    config: ScenConfig,
+) -> dict:
+    """Train ``expert`` until every target token is the teacher-forced argmax.
+
+    All rows of ``batch`` (the prompt and any rephrases) share one target.
+    Returns steps, final loss, min target probability and whether it converged.
+    """
+    n = len(batch.targets[0])
+    target = torch.tensor(batch.targets, device=out.device)  # (B, n)
+    opt = torch.optim.Adam(expert.parameters(), lr=config.expert_lr)
+    replay = _Replay(layers[layer], out, keys, expert)
+    steps, converged = 0, False
+    with replay_above(layers, layer, replay), torch.enable_grad():
+        while True:
+            logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=n + 1).logits[:, :n]  # (B, n, V)
+            logp = F.log_softmax(logits.float(), dim=-1)
+            tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, n)
+            loss = -tok_logp.mean()
+            min_prob = tok_logp.min().exp().item()
+            converged = bool((logits.argmax(-1) == target).all()) and min_prob >= config.expert_min_prob
+            if converged or steps >= config.expert_max_steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+    expert.requires_grad_(False)
+    return {"steps": steps, "loss": loss.item(), "min_target_prob": min_prob, "converged": converged}
+
+
+def neuron_loss(a_pos: torch.Tensor, a_neg: torch.Tensor, config: ScenConfig) -> torch.Tensor:
+    """The paper's loss (Eq. 5-8), averaged over several positives."""
+    activate = torch.exp(-a_pos).mean()
+    if a_neg.numel() == 0:
+        return activate
+    disactivate = torch.exp(a_neg + config.alpha).mean()
+    margin = torch.exp(a_neg[None, :] - a_pos[:, None] + config.beta).mean()
+    return activate + config.margin_weight * (disactivate + margin)
+
+
+def train_neuron(
+    positives: torch.Tensor, negatives: torch.Tensor, config: ScenConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Indexing neuron (h,) for normalised keys: ``positives`` (P, h), row 0 the edit prompt.
+
+    It starts along the edit's own key, which already fires on it and on nearby
+    rephrases; noisy copies of that key widen the region it fires on, and the
+    negatives (earlier edits, ordinary prompts) cut it back where it must not fire.
+    """
+    noise = torch.randn(config.positive_copies, positives.shape[1], generator=generator).to(positives)
+    jitter = F.normalize(positives[:1] + config.positive_noise * noise, dim=-1)
+    pos = torch.cat([positives, jitter])  # (P', h)
+    w = (positives[0] * config.neuron_init_scale).clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=config.neuron_lr)
+    with torch.enable_grad():
+        for _ in range(config.neuron_steps):
+            loss = neuron_loss(torch.sigmoid(pos @ w), torch.sigmoid(negatives @ w), config)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return w.detach()
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
