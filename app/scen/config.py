@@ -29,14 +29,20 @@ class ScenConfig:
     # Stage 2, the indexing neuron (paper loss: alpha, beta, m).
     alpha: float = 0.7
     beta: float = 0.3
-    margin_weight: float = 1.0
-    neuron_lr: float = 5e-2
-    neuron_steps: int = 60
-    # Neuron initialised along its own (normalised) key, scaled so it starts active.
-    neuron_init_scale: float = 4.0
-    # Gaussian copies of the edit's normalised key used as extra positives.
+    margin_weight: float = 2.0
+    neuron_lr: float = 1e-3
+    neuron_steps: int = 50
+    # A neuron starts as a cosine detector around its own normalised key:
+    # sigmoid(scale * cos + bias), i.e. active above cos = -bias/scale (0.4).
+    neuron_init_scale: float = 20.0
+    neuron_init_bias: float = -8.0
+    # Gaussian copies of the edit's normalised key as extra positives (0 = none:
+    # on ZsRE they widened the neuron onto unrelated prompts more than onto rephrases).
     positive_noise: float = 0.1
-    positive_copies: int = 8
+    positive_copies: int = 0
+    # Shrinkage of the pool covariance used to whiten keys (the pool is far
+    # smaller than the key size, so the raw estimate is singular).
+    key_shrinkage: float = 0.1
 
     # Request limits, in tokens.
     max_prompt_tokens: int = 512

@@ -93,10 +93,10 @@ class Editor:
         if isinstance(down, RoutedDown):
             raise ValueError("this model already has an editor attached")
         h = self.adapter.down_weight(down).shape[1]
-        self.routed = RoutedDown(down, Router(torch.zeros(h, device=self.device), self.config.theta))
+        self.routed = RoutedDown(down, Router(h, self.config.theta, self.device))
         self.adapter.set_down(layer_module, self.routed)
         self._pool_keys = self._prompt_keys(pool_prompts())  # (N, h)
-        self.routed.router.center = self._pool_keys.mean(0)
+        self.routed.router.fit(self._pool_keys, self.config.key_shrinkage)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -151,14 +151,14 @@ class Editor:
 
             edit_keys = keys[torch.arange(len(texts)), batch.prompt_last]  # (R, h)
             router = self.routed.router
-            neuron = train_neuron(router.normalise(edit_keys), self._negatives(), self.config, self._generator)
-            a = torch.sigmoid(router.normalise(edit_keys) @ neuron)
+            neuron, bias = train_neuron(router.normalise(edit_keys), self._negatives(), self.config, self._generator)
+            a = torch.sigmoid(router.normalise(edit_keys) @ neuron + bias)
             metrics.update(
                 activation=a[0].item(),
                 rephrase_activations=a[1:].tolist(),
                 seconds=timer.seconds,
             )
-        return TrainedEdit(prompt, target, rephrases, self.layer, expert, neuron, edit_keys.cpu(), metrics)
+        return TrainedEdit(prompt, target, rephrases, self.layer, expert, neuron, bias, edit_keys.cpu(), metrics)
 
     def add(self, edit_id: str, edit: TrainedEdit) -> bool:
         """Append an edit to the live model. False (no change) if it is already live."""
@@ -167,7 +167,7 @@ class Editor:
         with self._lock:
             if edit_id in self._edits:
                 return False
-            self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device))
+            self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), edit.bias.to(self.device))
             self._ids.append(edit_id)
             self._edits[edit_id] = edit
             self._version += 1

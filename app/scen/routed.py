@@ -28,22 +28,39 @@ class Routing:
 class Router(nn.Module):
     """Indexing neurons over normalised keys.
 
-    Raw keys of one layer are nearly collinear with large norms, so a neuron on raw
-    keys cannot separate prompts; keys are centred on the mean key of ordinary
-    prompts and scaled to unit length first (``normalise``).
+    Raw keys of one layer are nearly collinear with large norms: a neuron on raw
+    keys cannot tell prompts apart. Keys are therefore whitened against a pool of
+    ordinary prompts (centred on their mean, decorrelated with a shrunk covariance
+    estimate) and scaled to unit length; directions every prompt shares stop
+    dominating, and a rephrase lands near its edit's key while unrelated prompts
+    do not. Each neuron has a bias, so it fires on a cap around its key instead of
+    on a half-space.
     """
 
-    def __init__(self, center: torch.Tensor, theta: float):
+    def __init__(self, h: int, theta: float, device: torch.device | None = None):
         super().__init__()
         self.theta = theta
-        self.register_buffer("center", center)  # (h,)
-        self.register_buffer("neurons", center.new_zeros(0, center.numel()))  # W_merge, (E, h)
+        self.register_buffer("center", torch.zeros(h, device=device))  # (h,)
+        self.register_buffer("whiten", torch.eye(h, device=device))  # (h, h)
+        self.register_buffer("neurons", torch.zeros(0, h, device=device))  # W_merge, (E, h)
+        self.register_buffer("biases", torch.zeros(0, device=device))  # (E,)
+
+    @torch.no_grad()
+    def fit(self, pool_keys: torch.Tensor, shrinkage: float) -> None:
+        """Set the key normalisation from raw keys of ordinary prompts, (N, h)."""
+        X = pool_keys.float()
+        self.center = X.mean(0)
+        X = X - self.center
+        cov = X.T @ X / X.shape[0]  # (h, h); rank <= N, hence the shrinkage to a scaled identity
+        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], device=X.device)
+        eigval, eigvec = torch.linalg.eigh(cov.double())
+        self.whiten = (eigvec @ torch.diag(eigval.clamp_min(1e-12).rsqrt()) @ eigvec.T).float()
 
     def normalise(self, keys: torch.Tensor) -> torch.Tensor:
-        return F.normalize(keys.float() - self.center, dim=-1)
+        return F.normalize((keys.float() - self.center) @ self.whiten, dim=-1)
 
     def activations(self, keys: torch.Tensor) -> torch.Tensor:  # (B, h) -> (B, E)
-        return torch.sigmoid(self.normalise(keys) @ self.neurons.T)
+        return torch.sigmoid(self.normalise(keys) @ self.neurons.T + self.biases)
 
     def route(self, keys: torch.Tensor) -> Routing:
         B = keys.shape[0]
@@ -128,12 +145,14 @@ class RoutedDown(nn.Module):
 
     # ---- live set ----------------------------------------------------------------------
 
-    def append(self, expert: Expert, neuron: torch.Tensor) -> int:
+    def append(self, expert: Expert, neuron: torch.Tensor, bias: torch.Tensor) -> int:
         self.experts.append(expert)
         self.router.neurons = torch.cat([self.router.neurons, neuron.reshape(1, -1)])
+        self.router.biases = torch.cat([self.router.biases, bias.reshape(1)])
         return len(self.experts) - 1
 
     def pop(self, slot: int) -> None:
         del self.experts[slot]
         keep = [i for i in range(self.router.neurons.shape[0]) if i != slot]
         self.router.neurons = self.router.neurons[keep]
+        self.router.biases = self.router.biases[keep]

@@ -22,6 +22,7 @@ def save_edit(edit: TrainedEdit, path: str | os.PathLike) -> str:
     """Write ``edit`` to ``path`` (temp file, fsync, rename) and return its sha256."""
     tensors = {f"expert.{k}": v.detach().cpu().contiguous() for k, v in edit.expert.tensors().items()}
     tensors["neuron"] = edit.neuron.detach().cpu().contiguous()
+    tensors["bias"] = edit.bias.detach().cpu().reshape(())
     tensors["keys"] = edit.keys.detach().cpu().contiguous()
     metadata = {
         "format": FORMAT,
@@ -75,6 +76,7 @@ def load_edit(path: str | os.PathLike, sha256: str | None = None) -> TrainedEdit
         layer=int(meta["layer"]),
         expert=expert,
         neuron=tensors["neuron"],
+        bias=tensors["bias"],
         keys=tensors["keys"],
         metrics=json.loads(meta["metrics"]),
     )

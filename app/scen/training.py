@@ -36,6 +36,7 @@ class TrainedEdit:
     layer: int
     expert: Expert
     neuron: torch.Tensor  # (h,) indexing neuron over normalised keys
+    bias: torch.Tensor  # () the neuron's bias
     keys: torch.Tensor  # (1 + len(rephrases), h) raw keys of the prompt and rephrases
     metrics: dict = field(default_factory=dict)
 
@@ -125,25 +126,26 @@ def neuron_loss(a_pos: torch.Tensor, a_neg: torch.Tensor, config: ScenConfig) ->
 
 def train_neuron(
     positives: torch.Tensor, negatives: torch.Tensor, config: ScenConfig, generator: torch.Generator
-) -> torch.Tensor:
-    """Indexing neuron (h,) for normalised keys: ``positives`` (P, h), row 0 the edit prompt.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexing neuron (h,) and bias for normalised keys; ``positives`` (P, h), row 0 the edit prompt.
 
-    It starts along the edit's own key, which already fires on it and on nearby
-    rephrases; noisy copies of that key widen the region it fires on, and the
-    negatives (earlier edits, ordinary prompts) cut it back where it must not fire.
+    It starts as a cosine detector around the edit's own key, which already fires
+    on it and on nearby rephrases; the loss then pushes it off the negatives
+    (earlier edits, ordinary prompts) and onto the positives.
     """
     noise = torch.randn(config.positive_copies, positives.shape[1], generator=generator).to(positives)
     jitter = F.normalize(positives[:1] + config.positive_noise * noise, dim=-1)
     pos = torch.cat([positives, jitter])  # (P', h)
     w = (positives[0] * config.neuron_init_scale).clone().requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=config.neuron_lr)
+    b = torch.tensor(config.neuron_init_bias, device=positives.device, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=config.neuron_lr)
     with torch.enable_grad():
         for _ in range(config.neuron_steps):
-            loss = neuron_loss(torch.sigmoid(pos @ w), torch.sigmoid(negatives @ w), config)
+            loss = neuron_loss(torch.sigmoid(pos @ w + b), torch.sigmoid(negatives @ w + b), config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return w.detach()
+    return w.detach(), b.detach()
 
 
 class Timer:
