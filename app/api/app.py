@@ -1,0 +1,39 @@
+"""The app factory. Settings, database, queue and model are built in the lifespan, never at import."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.errors import install_error_handlers
+from app.api.routes import api_router
+from app.api.service import Service
+from app.models import LoadedModel
+from app.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None, loaded_model: LoadedModel | None = None) -> FastAPI:
+    """``loaded_model`` replaces loading ``settings.model`` (tests pass a tiny model)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = Service(settings, loaded_model)
+        app.state.service = service
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="SCEN model-editing service",
+        version="0.1.0",
+        description="Post a correction; seconds later the live model answers with it. "
+                    "Every edit is audited and can be rolled back.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(api_router)
+    return app

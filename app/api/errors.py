@@ -1,0 +1,79 @@
+"""Every error response has the body ``{"error": message, "error_type": kind}``.
+
+Handlers raise typed exceptions; this module alone maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.db.edits import EditConflict, EditNotFound, IdempotencyConflict
+from app.queue import QueueUnavailable
+from app.scen import InvalidEditError, UnknownEditError
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    """The model is still loading, or a dependency is down."""
+
+
+class BadRequest(ValueError):
+    """A request the schema accepts but the service cannot serve."""
+
+
+# Most specific first: the first isinstance match wins.
+_MAPPING: list[tuple[type[BaseException], int, str]] = [
+    (IdempotencyConflict, 409, "idempotency_conflict"),
+    (EditConflict, 409, "conflict"),
+    (EditNotFound, 404, "not_found"),
+    (UnknownEditError, 404, "not_found"),
+    (InvalidEditError, 422, "invalid_edit"),
+    (BadRequest, 422, "invalid_request"),
+    (NotReady, 503, "not_ready"),
+    (QueueUnavailable, 503, "queue_unavailable"),
+]
+
+
+def error_response(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": kind}, status_code=status, headers=headers)
+
+
+def _message(exc: BaseException) -> str:
+    # KeyError subclasses repr their argument; the plain argument reads better.
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+async def _typed(request: Request, exc: Exception) -> JSONResponse:
+    for kind_cls, status, kind in _MAPPING:
+        if isinstance(exc, kind_cls):
+            headers = {"Retry-After": "2"} if status == 503 else None
+            return error_response(status, _message(exc), kind, headers)
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error", "internal_error")
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return error_response(422, "; ".join(parts) or "invalid request", "validation_error")
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    for kind_cls, _, _ in _MAPPING:
+        app.add_exception_handler(kind_cls, _typed)
+    app.add_exception_handler(Exception, _typed)

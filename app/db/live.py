@@ -1,0 +1,60 @@
+"""Keeping a live model equal to the database's set of active edits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from app.db import edits as repo
+from app.db.experts import ExpertStore
+from app.db.session import Database
+from app.scen import Editor, ScenError, TrainedEdit
+
+log = logging.getLogger(__name__)
+
+
+class LiveSync:
+    """Reconciles an editor with the database.
+
+    All changes to the live set go through ``reconcile``, which reads the database
+    while holding one lock: whatever commit came last, the reconcile that follows it
+    sees it, so a rollback racing an activation cannot leave a stale edit live.
+    """
+
+    def __init__(self, editor: Editor, db: Database, store: ExpertStore):
+        self.editor = editor
+        self.db = db
+        self.store = store
+        self._lock = threading.Lock()
+        self._broken: set[tuple[str, str]] = set()  # (id, sha) whose file failed to load, logged once
+
+    def reconcile(self, trained: dict[str, TrainedEdit] | None = None) -> tuple[list[str], list[str]]:
+        """Make the live set equal the active edits; ``trained`` supplies just-trained edits unread."""
+        trained = trained or {}
+        with self._lock:
+            with self.db.session() as session:
+                records = repo.live_records(session)
+            live = set(self.editor.edit_ids)
+            loaded: dict[str, TrainedEdit] = {}
+            wanted: list[str] = []
+            for rec in records:
+                if rec.id not in live:
+                    edit = trained.get(rec.id) or self._load(rec)
+                    if edit is None:
+                        continue
+                    loaded[rec.id] = edit
+                wanted.append(rec.id)
+            added, removed = self.editor.sync(wanted, loaded.__getitem__)
+        if added or removed:
+            log.info("live model v%d: +%d -%d edits (%d live)", self.editor.version, len(added), len(removed),
+                     len(self.editor.edit_ids))
+        return added, removed
+
+    def _load(self, rec: repo.LiveRecord) -> TrainedEdit | None:
+        try:
+            return self.store.load(rec.expert_path, rec.expert_sha256)
+        except (OSError, ScenError) as exc:
+            if (rec.id, rec.expert_sha256) not in self._broken:
+                self._broken.add((rec.id, rec.expert_sha256))
+                log.error("edit %s is active but its expert cannot be loaded: %s", rec.id, exc)
+            return None

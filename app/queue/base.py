@@ -1,0 +1,63 @@
+"""The queue interface: work (edit ids) for workers, and news (events) for API processes.
+
+Two implementations share it: Redis Streams with a consumer group for real
+deployments, and an in-process queue for the embedded single-machine default.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+class QueueUnavailable(Exception):
+    """The queue server cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    message_id: str
+    edit_id: str
+    # How many times this message has been handed to a worker, this time included.
+    deliveries: int
+
+
+class Subscription(abc.ABC):
+    @abc.abstractmethod
+    def get(self, timeout: float) -> dict | None:
+        """The next event, or None after ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class EditQueue(abc.ABC):
+    @abc.abstractmethod
+    def enqueue(self, edit_id: str) -> str:
+        """Add work; returns the message id. Raises QueueUnavailable."""
+
+    @abc.abstractmethod
+    def take(self, consumer: str, block_ms: int) -> Delivery | None:
+        """A message left unacknowledged too long by another consumer, else a new one, else None."""
+
+    @abc.abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """Done with a message; call only after the outcome is committed to the database."""
+
+    @abc.abstractmethod
+    def publish(self, event: dict) -> None:
+        """Tell every API process that the set of live edits changed. Best effort."""
+
+    @abc.abstractmethod
+    def subscribe(self) -> Subscription: ...
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise QueueUnavailable when the queue cannot be used."""
+
+    @abc.abstractmethod
+    def pending(self) -> int:
+        """Messages delivered but not yet acknowledged."""
+
+    def close(self) -> None:
+        pass

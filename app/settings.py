@@ -1,0 +1,80 @@
+"""Service settings, read from ``SCEN_*`` environment variables (or a ``.env`` file)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    root = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(root) / "scen"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCEN_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+
+    # Expert files live under data_dir/experts; the default SQLite file too.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    # None: a SQLite file in data_dir. PostgreSQL: postgresql+psycopg://user@host/db
+    database_url: str | None = None
+    # None: an in-process queue and the worker inside the API process (one machine only).
+    redis_url: str | None = None
+    # Every Redis key and channel starts with this, so several deployments can share a server.
+    redis_prefix: str = "scen:"
+
+    # Model: HF id or folder; None = the bundled SmolLM2.
+    model: str | None = None
+    device: str | None = None
+    # Engine settings as key=value strings, e.g. SCEN_ENGINE='["theta=0.7"]'.
+    engine: list[str] = Field(default_factory=list)
+
+    # Run a worker thread inside the API process sharing its model. Default: only without Redis.
+    embedded_worker: bool | None = None
+    # Apply migrations when the API starts (convenient for the embedded default).
+    auto_migrate: bool = True
+
+    # Queue: a message unacknowledged this long is taken over by another worker;
+    # after max_deliveries deliveries the edit is marked failed.
+    claim_idle_ms: int = Field(default=60_000, ge=1)
+    max_deliveries: int = Field(default=3, ge=1)
+    # How often API processes reconcile their live model with the database.
+    reconcile_seconds: float = Field(default=10.0, gt=0)
+
+    # /generate batching: wait this long for company, up to max_batch prompts per model call.
+    batch_window_ms: float = Field(default=5.0, ge=0)
+    max_batch: int = Field(default=16, ge=1)
+
+    log_json: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.environment == "production" and self.database_url is None:
+            raise ValueError("SCEN_DATABASE_URL must be set in production (SQLite is for one machine)")
+        if self.environment == "production" and self.redis_url is None:
+            raise ValueError("SCEN_REDIS_URL must be set in production (the in-process queue dies with the API)")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'scen.db'}"
+
+    @property
+    def experts_dir(self) -> Path:
+        return self.data_dir / "experts"
+
+    @property
+    def run_embedded_worker(self) -> bool:
+        return self.redis_url is None if self.embedded_worker is None else self.embedded_worker
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

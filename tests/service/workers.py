@@ -1,0 +1,32 @@
+"""Standalone workers for tests: own model, own queue connection, optional crash point."""
+
+from __future__ import annotations
+
+import contextlib
+
+from app.settings import Settings
+from tests.utils.tiny_models import tiny_model
+from workers.runtime import build_live, open_database, open_queue
+from workers.worker import EditWorker, start_thread
+
+
+class SimulatedCrash(BaseException):
+    """Ends a worker thread the way a killed process ends: no ack, no cleanup, no commit."""
+
+
+@contextlib.contextmanager
+def start_worker(settings: Settings, name: str | None = None, after_save=None, block_ms: int = 100):
+    db = open_database(settings)
+    queue = open_queue(settings)
+    live = build_live(settings, db, tiny_model("llama"))
+    worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries, name=name,
+                        block_ms=block_ms, after_save=after_save)
+    thread, stop = start_thread(worker)
+    worker.thread = thread
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(10)
+        queue.close()
+        db.close()

@@ -1,0 +1,54 @@
+"""Building the parts a process needs from settings: database, queue, model, live sync."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from app.db.experts import ExpertStore
+from app.db.live import LiveSync
+from app.db.session import Database
+from app.models import LoadedModel, load_model
+from app.queue import EditQueue, make_queue
+from app.scen import Editor, ScenConfig
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def open_database(settings: Settings) -> Database:
+    if settings.db_url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.auto_migrate:
+        from app.db.migrate import upgrade
+
+        upgrade("head", url=settings.db_url)
+    return Database(settings.db_url)
+
+
+def open_queue(settings: Settings) -> EditQueue:
+    return make_queue(settings.redis_url, prefix=settings.redis_prefix, claim_idle_ms=settings.claim_idle_ms)
+
+
+def build_editor(settings: Settings, loaded: LoadedModel | None = None) -> tuple[Editor, str]:
+    if loaded is None:
+        log.info("loading model %s", settings.model or "(bundled default)")
+        loaded = load_model(settings.model, device=settings.device)
+    config = ScenConfig.from_overrides(settings.engine)
+    return Editor(loaded.model, loaded.tokenizer, config), loaded.name
+
+
+@dataclass
+class Live:
+    editor: Editor
+    model_name: str
+    store: ExpertStore
+    sync: LiveSync
+
+
+def build_live(settings: Settings, db: Database, loaded: LoadedModel | None = None) -> Live:
+    editor, name = build_editor(settings, loaded)
+    store = ExpertStore(settings.data_dir)
+    sync = LiveSync(editor, db, store)
+    sync.reconcile()
+    return Live(editor, name, store, sync)

@@ -1,0 +1,163 @@
+"""The worker loop: take an edit, train it, commit, acknowledge, announce.
+
+Each outcome is written in one place (``_succeed``, ``_give_up``, ``_retry_later``).
+The message is acknowledged only after the outcome is committed, so a worker that
+dies at any point leaves it pending for another worker to reclaim.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Callable
+
+from app.db import edits as repo
+from app.db.session import Database
+from app.queue import EDIT_CHANGED, Delivery, EditQueue, QueueUnavailable
+from app.scen import ScenError
+from workers.runtime import Live
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class EditWorker:
+    def __init__(
+        self,
+        live: Live,
+        db: Database,
+        queue: EditQueue,
+        max_deliveries: int = 3,
+        name: str | None = None,
+        block_ms: int = 1000,
+        after_save: Callable[[str], None] | None = None,
+    ):
+        self.live = live
+        self.db = db
+        self.queue = queue
+        self.max_deliveries = max_deliveries
+        self.name = name or worker_name()
+        self.block_ms = block_ms
+        # Called between writing the expert file and committing; a fault-injection point.
+        self.after_save = after_save
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("worker %s started", self.name)
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                delivery = self.queue.take(self.name, self.block_ms)
+                backoff = 0.5
+            except QueueUnavailable as exc:
+                log.warning("queue unavailable (%s); retrying in %.1fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if delivery is not None:
+                self.handle(delivery)
+        log.info("worker %s stopped", self.name)
+
+    def handle(self, delivery: Delivery) -> None:
+        edit_id = delivery.edit_id
+        if delivery.deliveries > self.max_deliveries:
+            self._give_up(delivery, self._abandoned_reason(edit_id, delivery.deliveries - 1))
+            return
+        with self.db.session() as session:
+            edit = repo.start_training(session, edit_id, delivery.deliveries, self.name)
+        if edit is None:
+            log.info("edit %s is no longer waiting (cancelled, finished or unknown); skipping", edit_id)
+            self.queue.ack(delivery)
+            return
+        log.info("training edit %s (delivery %d)", edit_id, delivery.deliveries)
+        try:
+            # Every live edit must be a negative of the new neuron.
+            self.live.sync.reconcile()
+            trained = self.live.editor.train(edit.prompt, edit.target, tuple(edit.rephrases))
+        except ScenError as exc:
+            self._give_up(delivery, f"{type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:
+            log.exception("training edit %s failed", edit_id)
+            self._retry_later(delivery, f"{type(exc).__name__}: {exc}")
+            return
+        path, sha = self.live.store.save(edit_id, trained)
+        if self.after_save is not None:
+            self.after_save(edit_id)
+        self._succeed(delivery, trained, path, sha)
+
+    def _succeed(self, delivery: Delivery, trained, path: str, sha: str) -> None:
+        edit_id = delivery.edit_id
+        with self.db.session() as session:
+            won = repo.activate(session, edit_id, _jsonable(trained.metrics), path, sha)
+        if won:
+            self.live.store.discard_others(edit_id, keep=path)
+            self.live.sync.reconcile({edit_id: trained})
+            log.info("edit %s active (%d steps, %.2fs)", edit_id, trained.metrics.get("steps", -1),
+                     trained.metrics.get("seconds", float("nan")))
+        else:
+            # Rolled back while training, or another worker finished it first.
+            self.live.store.discard(path)
+            log.info("edit %s was finished or cancelled meanwhile; discarded this attempt", edit_id)
+        self.queue.ack(delivery)
+        if won:
+            self.queue.publish({"type": EDIT_CHANGED, "id": edit_id, "status": "active"})
+
+    def _give_up(self, delivery: Delivery, reason: str) -> None:
+        with self.db.session() as session:
+            changed = repo.fail(session, delivery.edit_id, reason)
+        self.queue.ack(delivery)
+        if changed:
+            log.warning("edit %s failed: %s", delivery.edit_id, reason)
+            self.queue.publish({"type": EDIT_CHANGED, "id": delivery.edit_id, "status": "failed"})
+
+    def _retry_later(self, delivery: Delivery, error: str) -> None:
+        if delivery.deliveries >= self.max_deliveries:
+            self._give_up(delivery, f"failed {delivery.deliveries} times; last error: {error}")
+            return
+        with self.db.session() as session:
+            repo.note_error(session, delivery.edit_id, error)
+        # Not acknowledged: the message is reclaimed once it has been idle long enough.
+
+    def _abandoned_reason(self, edit_id: str, attempts: int) -> str:
+        with self.db.session() as session:
+            try:
+                last = repo.get_edit(session, edit_id).error
+            except repo.EditNotFound:
+                last = None
+        reason = f"gave up after {attempts} deliveries: no worker finished training it"
+        return f"{reason}; last error: {last}" if last else reason
+
+
+def _jsonable(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = [float(x) if not isinstance(x, (str, bool)) else x for x in v]
+        else:
+            out[k] = float(v)
+    return out
+
+
+def start_thread(worker: EditWorker) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name=f"edit-worker-{worker.name}", daemon=True)
+    thread.start()
+    return thread, stop
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
