@@ -1,0 +1,171 @@
+import pytest
+import torch
+
+from app.scen.prompts import encode
+from app.scen import Editor, InvalidEditError, ScenConfig, UnknownEditError, UnsupportedModelError
+from tests.utils.tiny_models import tiny_model
+
+CFG = ScenConfig(layer=2, expert_lr=1e-2)
+EDITS = [
+    ("What is the capital of France?", "Rome"),
+    ("Who wrote Hamlet?", "Dickens"),
+    ("How many legs does a spider have?", "Six"),
+]
+UNRELATED = "The quick brown fox jumps over the lazy dog."
+
+
+def make_editor(arch: str = "llama", **changes) -> Editor:
+    lm = tiny_model(arch)
+    return Editor(lm.model, lm.tokenizer, CFG.replace(**changes))
+
+
+def greedy(editor: Editor, prompts: list[str], n: int = 8) -> list[str]:
+    return [g.text for g in editor.generate(prompts, max_new_tokens=n)]
+
+
+def logits(editor: Editor, prompt: str) -> torch.Tensor:
+    """Logits of the formatted prompt, routed at its last token as in generation."""
+    batch = encode(editor.tokenizer, [prompt])
+    with torch.no_grad():
+        return editor.model(**batch.model_inputs()).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_edit_is_learned_and_routed(arch):
+    editor = make_editor(arch)
+    prompt, target = EDITS[0]
+    edit = editor.train(prompt, target)
+    assert edit.metrics["converged"] and edit.metrics["activation"] > editor.config.theta
+    assert editor.edit_ids == [] and editor.version == 0  # training alone changes nothing
+    assert editor.add("e0", edit) and editor.version == 1
+    assert not editor.add("e0", edit) and editor.version == 1
+    gen = editor.generate([prompt], max_new_tokens=4)[0]
+    assert gen.text == target and gen.edit_id == "e0"
+    assert editor.token_accuracy([prompt], [target]) == [1.0]
+
+
+def test_routing_picks_the_right_expert_among_several():
+    editor = make_editor()
+    for i, (prompt, target) in enumerate(EDITS):
+        editor.add(f"e{i}", editor.train(prompt, target))
+    routes = editor.route([p for p, _ in EDITS] + [UNRELATED])
+    assert [r.edit_id for r in routes] == ["e0", "e1", "e2", None]
+    assert greedy(editor, [p for p, _ in EDITS]) == [t for _, t in EDITS]
+    acts = editor.activations([p for p, _ in EDITS])
+    assert acts.shape == (3, 3) and torch.equal(acts.argmax(-1), torch.arange(3))
+
+
+def test_mixed_batch_equals_single_runs():
+    editor = make_editor()
+    for i, (prompt, target) in enumerate(EDITS[:2]):
+        editor.add(f"e{i}", editor.train(prompt, target))
+    prompts = [EDITS[0][0], UNRELATED, EDITS[1][0], "Which river flows through Cairo?"]
+    batched = editor.generate(prompts, max_new_tokens=8)
+    single = [editor.generate([p], max_new_tokens=8)[0] for p in prompts]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.edit_id for g in batched] == ["e0", None, "e1", None] == [g.edit_id for g in single]
+
+
+def test_rollback_restores_base_outputs_exactly():
+    editor = make_editor()
+    prompt, target = EDITS[0]
+    before = logits(editor, prompt)
+    base_text = greedy(editor, [prompt])
+    editor.add("e0", editor.train(prompt, target))
+    editor.add("e1", editor.train(*EDITS[1]))
+    assert not torch.equal(logits(editor, prompt), before)
+    assert editor.remove("e0") and not editor.remove("e0")
+    assert torch.equal(logits(editor, prompt), before)
+    assert greedy(editor, [prompt]) == base_text
+    assert editor.edit_ids == ["e1"] and greedy(editor, [EDITS[1][0]]) == [EDITS[1][1]]
+    with pytest.raises(UnknownEditError):
+        editor.get("e0")
+
+
+@pytest.mark.parametrize("expert", ["full", "lowrank"])
+def test_save_and_load_give_identical_outputs(tmp_path, expert):
+    from app.scen import load_edit, save_edit
+
+    editor = make_editor(expert=expert, expert_lr=3e-2 if expert == "lowrank" else 1e-2)
+    digests = {}
+    for i, (prompt, target) in enumerate(EDITS):
+        edit = editor.train(prompt, target)
+        digests[f"e{i}"] = save_edit(edit, tmp_path / f"e{i}.safetensors")
+        editor.add(f"e{i}", edit)
+    prompts = [p for p, _ in EDITS] + [UNRELATED]
+    expected = [logits(editor, p) for p in prompts]
+
+    rebuilt = make_editor(expert=expert)
+    added, removed = rebuilt.sync(
+        list(digests), lambda i: load_edit(tmp_path / f"{i}.safetensors", sha256=digests[i])
+    )
+    assert added == ["e0", "e1", "e2"] and removed == []
+    for p, e in zip(prompts, expected):
+        assert torch.equal(logits(rebuilt, p), e)
+    assert greedy(rebuilt, prompts) == greedy(editor, prompts)
+
+
+def test_sync_removes_and_keeps_order():
+    editor = make_editor()
+    trained = {f"e{i}": editor.train(p, t) for i, (p, t) in enumerate(EDITS)}
+    editor.sync(["e0", "e1"], trained.__getitem__)
+    added, removed = editor.sync(["e1", "e2"], trained.__getitem__)
+    assert (added, removed) == (["e2"], ["e0"]) and editor.edit_ids == ["e1", "e2"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "target", "message"),
+    [
+        ("", "Rome", "prompt must be a non-empty string"),
+        ("   ", "Rome", "prompt must be a non-empty string"),
+        ("What is the capital of France?", "", "target must be a non-empty string"),
+        ("What is the capital of France?", "word " * 80, "target is"),
+        ("word " * 600, "Rome", "prompt is"),
+    ],
+)
+def test_bad_edits_are_refused_and_change_nothing(prompt, target, message):
+    editor = make_editor()
+    editor.add("e0", editor.train(*EDITS[0]))
+    before = logits(editor, UNRELATED)
+    with pytest.raises(InvalidEditError, match=message):
+        editor.train(prompt, target)
+    assert editor.edit_ids == ["e0"] and editor.version == 1
+    assert torch.equal(logits(editor, UNRELATED), before)
+
+
+def test_unknown_architecture_is_named_with_the_supported_ones():
+    from transformers import BertConfig, BertLMHeadModel
+
+    model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, is_decoder=True))
+    with pytest.raises(UnsupportedModelError, match=r"'bert'.*supported model types: .*llama"):
+        Editor(model, tiny_model().tokenizer)
+
+
+def test_layer_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="layer 9 out of range: the model has 4 layers"):
+        make_editor(layer=9)
+
+
+def test_a_tampered_edit_file_is_refused(tmp_path):
+    from app.scen import IntegrityError, load_edit, save_edit
+
+    editor = make_editor()
+    path = tmp_path / "e.safetensors"
+    digest = save_edit(editor.train(*EDITS[0]), path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        load_edit(path, sha256=digest)
+    path.write_bytes(b"not an edit")
+    with pytest.raises(IntegrityError):
+        load_edit(path)
+
+
+def test_rephrases_train_the_expert_and_report_activations():
+    editor = make_editor()
+    edit = editor.train(EDITS[0][0], EDITS[0][1], rephrases=["Which city is the capital of France?"])
+    assert len(edit.metrics["rephrase_activations"]) == 1 and edit.keys.shape[0] == 2
+    editor.add("e0", edit)
+    assert editor.token_accuracy(["Which city is the capital of France?"], ["Rome"]) == [1.0]
