@@ -15,11 +15,16 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy as sa
+import torch
 from fastapi.testclient import TestClient
 
 from app.api.app import create_app
 from app.settings import Settings
 from tests.utils.tiny_models import tiny_model
+
+# Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP
+# spinning makes every forward pass many times slower.
+torch.set_num_threads(1)
 
 REDIS_URL = os.environ.get("SCEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URLS = [

@@ -7,7 +7,9 @@ import contextlib
 from app.settings import Settings
 from tests.utils.tiny_models import tiny_model
 from workers.runtime import build_live, open_database, open_queue
-from workers.worker import EditWorker, start_thread
+import threading
+
+from workers.worker import EditWorker
 
 
 class SimulatedCrash(BaseException):
@@ -21,7 +23,16 @@ def start_worker(settings: Settings, name: str | None = None, after_save=None, b
     live = build_live(settings, db, tiny_model("llama"))
     worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries, name=name,
                         block_ms=block_ms, after_save=after_save)
-    thread, stop = start_thread(worker)
+    stop = threading.Event()
+
+    def run():
+        try:
+            worker.run(stop)
+        except SimulatedCrash:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
     worker.thread = thread
     try:
         yield worker

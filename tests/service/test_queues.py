@@ -1,0 +1,81 @@
+"""Both queue implementations keep the same delivery rules."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from app.queue import MemoryQueue, RedisQueue
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_queue(request):
+    if request.param == "memory":
+        shared = MemoryQueue(claim_idle_ms=150)
+        yield lambda: shared
+        return
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    made = []
+
+    def new():
+        made.append(RedisQueue(url, prefix=prefix, claim_idle_ms=150))
+        return made[-1]
+
+    yield new
+    for q in made:
+        q.close()
+
+
+def test_take_ack(make_queue):
+    q = make_queue()
+    assert q.take("a", 10) is None
+    q.enqueue("e1")
+    q.enqueue("e2")
+    first, second = q.take("a", 100), q.take("a", 100)
+    assert (first.edit_id, first.deliveries, second.edit_id) == ("e1", 1, "e2")
+    assert q.pending() == 2
+    q.ack(first)
+    q.ack(second)
+    assert q.pending() == 0 and q.take("a", 10) is None
+
+
+def test_unacked_message_is_reclaimed_and_counted(make_queue):
+    dead, alive = make_queue(), make_queue()
+    dead.enqueue("e1")
+    taken = dead.take("dead", 100)
+    assert alive.take("alive", 10) is None  # not idle long enough yet
+    time.sleep(0.2)
+    again = alive.take("alive", 10)
+    assert (again.edit_id, again.message_id, again.deliveries) == ("e1", taken.message_id, 2)
+    time.sleep(0.2)
+    third = alive.take("alive", 10)
+    assert third.deliveries == 3
+    alive.ack(third)
+    assert alive.pending() == 0
+
+
+def test_blocking_take_wakes_on_enqueue(make_queue):
+    import threading
+
+    q, producer = make_queue(), make_queue()
+    threading.Timer(0.05, producer.enqueue, args=("late",)).start()
+    start = time.monotonic()
+    got = q.take("a", 2000)
+    assert got.edit_id == "late" and time.monotonic() - start < 1.0
+
+
+def test_events_reach_subscribers(make_queue):
+    q = make_queue()
+    sub = q.subscribe()
+    try:
+        time.sleep(0.05)
+        q.publish({"type": "edit_changed", "id": "e1"})
+        deadline = time.monotonic() + 2
+        event = None
+        while event is None and time.monotonic() < deadline:
+            event = sub.get(timeout=0.2)
+        assert event == {"type": "edit_changed", "id": "e1"}
+    finally:
+        sub.close()
