@@ -12,7 +12,7 @@ import signal
 import threading
 
 from app.settings import Settings, get_settings
-from workers.runtime import build_live, open_database, open_queue
+from workers.runtime import build_live, configure_logging, open_database, open_queue
 from workers.worker import EditWorker
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
+    configure_logging(settings)
     if settings.redis_url is None:
         raise SystemExit(
             "scen worker needs SCEN_REDIS_URL: without Redis the worker runs inside `scen serve` instead"
