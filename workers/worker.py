@@ -17,7 +17,7 @@ from typing import Callable
 
 from app.db import edits as repo
 from app.db.session import Database
-from app.queue import EDIT_CHANGED, Delivery, EditQueue, QueueUnavailable
+from app.queue import EDIT_CHANGED, Delivery, EditQueue
 from app.scen import ScenError
 from workers.runtime import Live
 
@@ -55,13 +55,19 @@ class EditWorker:
             try:
                 delivery = self.queue.take(self.name, self.block_ms)
                 backoff = 0.5
-            except QueueUnavailable as exc:
-                log.warning("queue unavailable (%s); retrying in %.1fs", exc, backoff)
+            except Exception as exc:
+                log.warning("cannot take work (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            if delivery is not None:
+            if delivery is None:
+                continue
+            try:
                 self.handle(delivery)
+            except Exception:
+                # Database or queue trouble mid-edit: the message stays pending and is reclaimed.
+                log.exception("edit %s could not be handled; it will be retried", delivery.edit_id)
+                stop.wait(backoff)
         log.info("worker %s stopped", self.name)
 
     def handle(self, delivery: Delivery) -> None:

@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db.edits import EditConflict, EditNotFound, IdempotencyConflict
@@ -37,6 +38,7 @@ _MAPPING: list[tuple[type[BaseException], int, str]] = [
     (BadRequest, 422, "invalid_request"),
     (NotReady, 503, "not_ready"),
     (QueueUnavailable, 503, "queue_unavailable"),
+    (OperationalError, 503, "database_unavailable"),
 ]
 
 
@@ -53,7 +55,9 @@ async def _typed(request: Request, exc: Exception) -> JSONResponse:
     for kind_cls, status, kind in _MAPPING:
         if isinstance(exc, kind_cls):
             headers = {"Retry-After": "2"} if status == 503 else None
-            return error_response(status, _message(exc), kind, headers)
+            # Driver messages can carry connection details; say only what kind of failure it was.
+            message = "the database is unreachable" if isinstance(exc, OperationalError) else _message(exc)
+            return error_response(status, message, kind, headers)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error", "internal_error")
 
