@@ -1,0 +1,1 @@
+"""Evaluation harness: datasets, metrics, editing methods and baselines, reports."""

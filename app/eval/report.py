@@ -1,0 +1,137 @@
+"""Writing results: the JSON file, the markdown report and its plots, a console summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = [
+    ("reliability", "rel"),
+    ("generality", "gen"),
+    ("locality", "loc"),
+    ("generation_exact_match", "EM"),
+    ("generation_exact_match_rephrase", "EM reph"),
+    ("generation_locality_unchanged", "loc gen same"),
+    ("locality_routed_rate", "loc routed"),
+    ("target_perplexity", "ppl"),
+    ("seconds_per_edit_p50", "s/edit p50"),
+    ("seconds_per_edit_p95", "s/edit p95"),
+]
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """Atomic write: an interrupted run never leaves a truncated results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_partial(plan) -> dict[str, Any]:
+    path = Path(plan.out)
+    if not path.exists():
+        return {}
+    results = json.loads(path.read_text(encoding="utf-8"))
+    same = (
+        results.get("dataset") == str(plan.dataset)
+        and results.get("seed") == plan.seed
+        and results.get("checkpoint_edits") == plan.checkpoints
+    )
+    if not same:
+        raise ValueError(
+            f"{path} was written by a different run (dataset {results.get('dataset')}, seed {results.get('seed')}, "
+            f"edits {results.get('checkpoint_edits')}); remove it or drop --resume"
+        )
+    return results
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def metrics_table(methods: dict[str, dict[str, Any]], columns=TABLE_METRICS) -> list[list[str]]:
+    rows = [["method"] + [label for _, label in columns]]
+    for name, m in methods.items():
+        rows.append([name] + [fmt(m.get(key)) for key, _ in columns])
+    return rows
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def routing_snapshot(method, records, limit: int = 40) -> dict[str, Any]:
+    """Top routing score of every edit prompt, rephrase and locality prompt, plus a small
+    prompts-by-edits block of scores for the heatmap."""
+    prompts = {
+        "edit": [r.prompt for r in records],
+        "rephrase": [p for r in records for p in r.rephrases[:1]],
+        "locality": [p for r in records for p, _ in r.locality[:1]],
+    }
+    out: dict[str, Any] = {"top": {}, "heatmap": {}}
+    for group, texts in prompts.items():
+        if not texts:
+            continue
+        scores = method.routing_scores(texts)
+        if scores is None or scores.shape[1] == 0:
+            return {}
+        out["top"][group] = scores.max(-1).values.tolist()
+        out["heatmap"][group] = scores[:limit, :limit].tolist()
+    return out
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    lines = [
+        f"# SCEN evaluation: {results['model']} on {Path(results['dataset']).name}",
+        "",
+        f"Command: `{results.get('command')}`  ",
+        f"Seed {results['seed']}, {results['edits']} sequential edits, format `{results.get('dataset_format')}`.",
+        "",
+        "Teacher-forced token accuracy over the target plus end-of-turn token (rel, gen); locality is "
+        "agreement with the unedited model's own argmax; EM is exact match of greedy generation.",
+        "",
+    ]
+    unedited = results.get("unedited") or {}
+    if unedited:
+        lines += [f"Unedited model: reliability {fmt(unedited.get('reliability'))}, "
+                  f"target perplexity {fmt(unedited.get('target_perplexity'))}.", ""]
+    for c in results.get("checkpoints", []):
+        if c["methods"]:
+            lines += [f"## After {c['edits']} edits", "", markdown_table(metrics_table(c["methods"])), ""]
+    for name, sweep in (results.get("sweeps") or {}).items():
+        for option, rows in sweep.items():
+            cols = [(k, k) for k in ("reliability", "generality", "locality", "locality_routed_rate")]
+            table = [[option] + [c for c, _ in cols]] + [
+                [fmt(r["value"])] + [fmt(r.get(k)) for k, _ in cols] for r in rows
+            ]
+            lines += [f"## {name}: {option} sweep", "", markdown_table(table), ""]
+    for png in results.get("plots", []):
+        lines += [f"![{Path(png).stem}]({Path(png).name})", ""]
+    Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = metrics_table(results["methods"])
+    table = Table(title=f"{results['edits']} edits, seed {results['seed']}")
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows[1:]:
+        table.add_row(*row)
+    Console().print(table)

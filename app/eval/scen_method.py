@@ -1,0 +1,75 @@
+"""SCEN as an evaluation method: the engine's ``Editor`` on its own model copy."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any, Iterator
+
+import torch
+
+from app.eval.datasets import EditRecord
+from app.eval.method import EditMethod
+from app.scen import Editor, ScenConfig
+
+
+class _RoutingProbe:
+    def __init__(self, editor: Editor, session: dict):
+        self.editor, self.session = editor, session
+
+    def served_by(self, rows: int) -> list[str | None]:
+        routing = self.session.get("routing")
+        if routing is None:  # no live edits: nothing was routed
+            return [None] * rows
+        ids = self.editor.edit_ids
+        return [ids[s] if s >= 0 else None for s in routing.slots.tolist()]
+
+
+class ScenMethod(EditMethod):
+    name = "scen"
+    routes = True
+
+    def __init__(self, model, tokenizer, config: ScenConfig, use_rephrases: bool = False):
+        super().__init__(model, tokenizer)
+        self.editor = Editor(model, tokenizer, config)
+        self.use_rephrases = use_rephrases
+
+    @property
+    def layer(self) -> int:
+        return self.editor.layer
+
+    def apply(self, edit_id: str, record: EditRecord) -> dict[str, Any]:
+        start = time.perf_counter()
+        # Training on the rephrases would leak the generality test set into the edit.
+        rephrases = record.rephrases if self.use_rephrases else ()
+        trained = self.editor.train(record.prompt, record.target, rephrases)
+        self.editor.add(edit_id, trained)
+        m = trained.metrics
+        return {
+            "seconds": time.perf_counter() - start,
+            "steps": m.get("steps"),
+            "loss": m.get("loss"),
+            "converged": m.get("converged"),
+            "activation": m.get("activation"),
+        }
+
+    @contextlib.contextmanager
+    def probe(self, at: torch.Tensor | None) -> Iterator[_RoutingProbe]:
+        with self.editor.routed.session(at=at) as session:
+            yield _RoutingProbe(self.editor, session)
+
+    def config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.editor.config) | {"resolved_layer": self.editor.layer}
+
+    def set_option(self, name: str, value: float) -> None:
+        if name != "theta":
+            super().set_option(name, value)
+        self.editor.routed.router.theta = float(value)
+
+    def routing_scores(self, prompts: list[str]) -> torch.Tensor:
+        return self.editor.activations(prompts)
+
+    def close(self) -> None:
+        self.editor = None
+        super().close()

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from app.eval.runner import EvalPlan, parse_checkpoints, parse_methods, run
+from tests.utils.tiny_models import tiny_model
+
+QUESTIONS = [
+    ("What is the capital of France?", "Which city is the capital of France?", "Rome"),
+    ("Who wrote Hamlet?", "Hamlet was written by whom?", "Dickens"),
+    ("How many legs does a spider have?", "A spider has how many legs?", "Six"),
+    ("Which river flows through Cairo?", "What river runs through Cairo?", "Thames"),
+    ("What is the capital of Spain?", "Which city is Spain's capital?", "Lisbon"),
+]
+
+
+def mend_file(tmp_path, n=5):
+    recs = [
+        {"subject": "s", "src": q, "pred": "p", "rephrase": r, "alt": a, "answers": ["x"],
+         "loc": "nq question: the quick brown fox jumps over the lazy dog", "loc_ans": "a fox", "cond": "c"}
+        for q, r, a in QUESTIONS[:n]
+    ]
+    recs.append(dict(recs[0], alt=""))  # an empty target, passed over
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def test_parse_arguments():
+    assert parse_checkpoints("200") == [200]
+    assert parse_checkpoints("50,10,200") == [10, 50, 200]
+    with pytest.raises(ValueError):
+        parse_checkpoints("ten")
+    assert parse_methods("scen, ft") == ["scen", "ft"]
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("scen,rome")
+
+
+def test_scen_end_to_end_on_tiny_model(tmp_path):
+    out = tmp_path / "results.json"
+    plan = EvalPlan(
+        dataset=mend_file(tmp_path), checkpoints=[2, 4], seed=1, out=out,
+        overrides=["layer=2", "expert_lr=1e-2"],
+    )
+    results = run(plan, lm=tiny_model("llama"))
+    on_disk = json.loads(out.read_text())
+    assert on_disk["methods"] == results["methods"]
+    assert (on_disk["edits"], on_disk["seed"], on_disk["model"]) == (4, 1, "tiny-llama")
+    assert on_disk["config"]["layer"] == 2 and on_disk["config"]["seed"] == 1
+    m = on_disk["methods"]["scen"]
+    for key in ("reliability", "generality", "locality", "generation_exact_match", "seconds_per_edit_p50",
+                "seconds_per_edit_p95", "locality_routed_rate", "generation_exact_match_rephrase"):
+        assert m[key] is not None and 0 <= m[key] <= (1 if "seconds" not in key else 1e3), key
+    # Converged edits on a model that routes them: the edit prompt is reproduced exactly.
+    assert m["reliability"] == 1.0 and m["generation_exact_match"] == 1.0
+    assert m["counts"] == {"edits": 4, "rephrases": 4, "locality": 4}
+    assert m["skipped"] == {"generality": 0, "locality": 0}
+    assert [c["edits"] for c in on_disk["checkpoints"]] == [2, 4]
+    assert on_disk["checkpoints"][1]["methods"]["scen"] == m
+    assert len(on_disk["per_edit"]["scen"]) == 4 and m["train"]["edits"] == 4
+
+
+def test_same_seed_same_selection_and_numbers(tmp_path):
+    kw = dict(dataset=mend_file(tmp_path), checkpoints=[3], overrides=["layer=2", "expert_lr=1e-2"],
+              generation=False)
+    a = run(EvalPlan(seed=3, out=tmp_path / "a.json", **kw), lm=tiny_model("llama"))
+    b = run(EvalPlan(seed=3, out=tmp_path / "b.json", **kw), lm=tiny_model("llama"))
+    strip = lambda r: {k: v for k, v in r["methods"]["scen"].items() if "seconds" not in k and k != "train"}
+    assert [e["id"] for e in a["per_edit"]["scen"]] == [e["id"] for e in b["per_edit"]["scen"]]
+    assert strip(a) == strip(b)
