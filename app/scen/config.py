@@ -25,6 +25,11 @@ class ScenConfig:
     # Keep training past the first exact reproduction until every target token
     # has at least this probability; a confident expert carries better to rephrases.
     expert_min_prob: float = 0.0
+    # Noisy copies of the recorded hidden states trained alongside the prompt
+    # (noise relative to each vector's RMS): a rephrase reaches the expert with
+    # hidden states near the prompt's, not equal to them.
+    expert_noise: float = 0.0
+    expert_noise_copies: int = 0
 
     # Stage 2, the indexing neuron (paper loss: alpha, beta, m).
     alpha: float = 0.7

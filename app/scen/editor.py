@@ -146,13 +146,19 @@ class Editor:
             out, keys = self._record(batch)  # (B, T, d), (B, T, h)
             d, h = out.shape[-1], keys.shape[-1]
             expert = new_expert(self.config.expert, d, h, self.config.rank, self._generator).to(self.device)
-            metrics = train_expert(self.model, self.layers, self.layer, batch, out, keys, expert, self.config)
+            metrics = train_expert(
+                self.model, self.layers, self.layer, batch, out, keys, expert, self.config, self._generator
+            )
             metrics["expert_seconds"] = timer.seconds
 
             edit_keys = keys[torch.arange(len(texts)), batch.prompt_last]  # (R, h)
             router = self.routed.router
             neuron, bias = train_neuron(router.normalise(edit_keys), self._negatives(), self.config, self._generator)
             a = torch.sigmoid(router.normalise(edit_keys) @ neuron + bias)
+            if self._ids:
+                # Older neurons are not retrained: the new neuron must win on its own
+                # prompt. How strongly the strongest older one fires there is recorded.
+                metrics["older_max_activation"] = router.activations(edit_keys[:1]).max().item()
             metrics.update(
                 activation=a[0].item(),
                 rephrase_activations=a[1:].tolist(),

@@ -53,14 +53,29 @@ class _PassThrough(nn.Module):
 
 
 class _Replay(_PassThrough):
-    """Stands in for the edited layer: its recorded output plus the expert's delta."""
+    """Stands in for the edited layer: its recorded output plus the expert's delta.
 
-    def __init__(self, like: nn.Module, out: torch.Tensor, keys: torch.Tensor, expert: Expert):
+    Rows from ``clean`` on are noisy copies: fresh Gaussian noise, ``noise`` times
+    the RMS of each vector, is added to their output and keys at every step, so the
+    expert also has to work on hidden states near, not only at, the edit prompt's.
+    """
+
+    def __init__(self, like, out, keys, expert, clean: int, noise: float, generator: torch.Generator):
         super().__init__(like)
         self.out, self.keys, self.expert = out, keys, expert
+        self.clean, self.noise, self.generator = clean, noise, generator
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.out + self.expert(self.keys)  # (B, T, d)
+        out, keys = self.out, self.keys
+        if out.shape[0] > self.clean:
+            out, keys = self._jitter(out), self._jitter(keys)
+        return out + self.expert(keys)  # (B, T, d)
+
+    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+        noisy = x[self.clean:]
+        eps = torch.randn(noisy.shape, generator=self.generator).to(x)
+        rms = noisy.pow(2).mean(-1, keepdim=True).sqrt()
+        return torch.cat([x[: self.clean], noisy + self.noise * rms * eps])
 
 
 @contextlib.contextmanager
@@ -85,25 +100,31 @@ def train_expert(
     keys: torch.Tensor,
     expert: Expert,
     config: ScenConfig,
+    generator: torch.Generator,
 ) -> dict:
     """Train ``expert`` until every target token is the teacher-forced argmax.
 
-    All rows of ``batch`` (the prompt and any rephrases) share one target.
+    All rows of ``batch`` (the prompt and any rephrases) share one target; the
+    stopping rule looks at these rows, the loss also at their noisy copies.
     Returns steps, final loss, min target probability and whether it converged.
     """
-    n = len(batch.targets[0])
-    target = torch.tensor(batch.targets, device=out.device)  # (B, n)
+    B, n = len(batch.targets), len(batch.targets[0])
+    reps = 1 + config.expert_noise_copies
+    inputs = {k: v.repeat(reps, 1) for k, v in batch.model_inputs().items()}
+    target = torch.tensor(batch.targets, device=out.device).repeat(reps, 1)  # (B*reps, n)
     opt = torch.optim.Adam(expert.parameters(), lr=config.expert_lr)
-    replay = _Replay(layers[layer], out, keys, expert)
+    replay = _Replay(
+        layers[layer], out.repeat(reps, 1, 1), keys.repeat(reps, 1, 1), expert, B, config.expert_noise, generator
+    )
     steps, converged = 0, False
     with replay_above(layers, layer, replay), torch.enable_grad():
         while True:
-            logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=n + 1).logits[:, :n]  # (B, n, V)
+            logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits[:, :n]  # (B*reps, n, V)
             logp = F.log_softmax(logits.float(), dim=-1)
-            tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, n)
+            tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B*reps, n)
             loss = -tok_logp.mean()
-            min_prob = tok_logp.min().exp().item()
-            converged = bool((logits.argmax(-1) == target).all()) and min_prob >= config.expert_min_prob
+            min_prob = tok_logp[:B].min().exp().item()
+            converged = bool((logits[:B].argmax(-1) == target[:B]).all()) and min_prob >= config.expert_min_prob
             if converged or steps >= config.expert_max_steps:
                 break
             opt.zero_grad(set_to_none=True)
