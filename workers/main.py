@@ -28,7 +28,8 @@ def run(settings: Settings | None = None) -> None:
     db = open_database(settings)
     queue = open_queue(settings)
     live = build_live(settings, db)
-    worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries)
+    worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries,
+                        claim_idle_ms=settings.claim_idle_ms)
     stop = threading.Event()
 
     def on_signal(signum, _frame):

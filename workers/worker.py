@@ -35,6 +35,7 @@ class EditWorker:
         db: Database,
         queue: EditQueue,
         max_deliveries: int = 3,
+        claim_idle_ms: int = 60_000,
         name: str | None = None,
         block_ms: int = 1000,
         after_save: Callable[[str], None] | None = None,
@@ -43,6 +44,8 @@ class EditWorker:
         self.db = db
         self.queue = queue
         self.max_deliveries = max_deliveries
+        # Touch the message well within the idle time after which others may reclaim it.
+        self.heartbeat_s = claim_idle_ms / 3000
         self.name = name or worker_name()
         self.block_ms = block_ms
         # Called between writing the expert file and committing; a fault-injection point.
@@ -71,6 +74,23 @@ class EditWorker:
         log.info("worker %s stopped", self.name)
 
     def handle(self, delivery: Delivery) -> None:
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(delivery, done), daemon=True,
+                                name=f"heartbeat-{delivery.edit_id[:8]}")
+        beat.start()
+        try:
+            self._handle(delivery)
+        finally:
+            done.set()
+
+    def _heartbeat(self, delivery: Delivery, done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_s):
+            try:
+                self.queue.touch(delivery, self.name)
+            except Exception as exc:
+                log.warning("heartbeat for edit %s failed: %s", delivery.edit_id, exc)
+
+    def _handle(self, delivery: Delivery) -> None:
         edit_id = delivery.edit_id
         if delivery.deliveries > self.max_deliveries:
             self._give_up(delivery, self._abandoned_reason(edit_id, delivery.deliveries - 1))

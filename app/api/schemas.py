@@ -79,6 +79,8 @@ class EditPublic(BaseModel):
     finished_at: datetime | None
     rolled_back_at: datetime | None
     attempts: int
+    # The worker that last took the edit.
+    worker: str | None
     metrics: EditMetrics | None
     expert_path: str | None
     expert_sha256: str | None
@@ -93,7 +95,7 @@ class EditPublic(BaseModel):
             rephrases=list(edit.rephrases or []), metadata=dict(edit.meta or {}),
             created_at=edit.created_at, updated_at=edit.updated_at, started_at=edit.started_at,
             activated_at=edit.activated_at, finished_at=edit.finished_at, rolled_back_at=edit.rolled_back_at,
-            attempts=edit.attempts, metrics=EditMetrics(**edit.metrics) if edit.metrics else None,
+            attempts=edit.attempts, worker=edit.worker, metrics=EditMetrics(**edit.metrics) if edit.metrics else None,
             expert_path=edit.expert_path, expert_sha256=edit.expert_sha256, error=edit.error,
             live=edit.id in live_ids,
         )

@@ -82,6 +82,7 @@ class Service:
                 # The in-process queue starts empty: whatever was waiting before a restart is re-sent.
                 await asyncio.to_thread(self._requeue_unfinished)
             worker = EditWorker(live, self.db, self.queue, max_deliveries=self.settings.max_deliveries,
+                                claim_idle_ms=self.settings.claim_idle_ms,
                                 block_ms=500)
             self._threads.append(start_thread(worker))
         self.live = live

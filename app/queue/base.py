@@ -41,6 +41,10 @@ class EditQueue(abc.ABC):
         """A message left unacknowledged too long by another consumer, else a new one, else None."""
 
     @abc.abstractmethod
+    def touch(self, delivery: Delivery, consumer: str) -> None:
+        """Tell the queue the message is still being worked on, so it is not reclaimed meanwhile."""
+
+    @abc.abstractmethod
     def ack(self, delivery: Delivery) -> None:
         """Done with a message; call only after the outcome is committed to the database."""
 

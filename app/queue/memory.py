@@ -80,6 +80,12 @@ class MemoryQueue(EditQueue):
                     wait = min(wait, max(0.0, oldest + self.claim_idle_s - now) + 0.001)
                 self._cond.wait(wait)
 
+    def touch(self, delivery: Delivery, consumer: str) -> None:
+        with self._cond:
+            p = self._pending.get(delivery.message_id)
+            if p is not None and p.consumer == consumer:
+                p.since = time.monotonic()
+
     def ack(self, delivery: Delivery) -> None:
         with self._cond:
             self._pending.pop(delivery.message_id, None)

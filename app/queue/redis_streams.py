@@ -106,6 +106,14 @@ class RedisQueue(EditQueue):
                 return Delivery(message_id, fields.get("edit_id", ""), 1)
         return None
 
+    def touch(self, delivery: Delivery, consumer: str) -> None:
+        try:
+            # JUSTID resets the idle time without counting another delivery.
+            self.client.xclaim(self.stream, GROUP, consumer, min_idle_time=0,
+                               message_ids=[delivery.message_id], justid=True)
+        except _DOWN as exc:
+            raise QueueUnavailable(str(exc)) from exc
+
     def ack(self, delivery: Delivery) -> None:
         try:
             with self.client.pipeline(transaction=True) as pipe:

@@ -79,3 +79,15 @@ def test_events_reach_subscribers(make_queue):
         assert event == {"type": "edit_changed", "id": "e1"}
     finally:
         sub.close()
+
+
+def test_touch_keeps_a_message_from_being_reclaimed(make_queue):
+    busy, other = make_queue(), make_queue()
+    busy.enqueue("e1")
+    taken = busy.take("busy", 100)
+    for _ in range(3):
+        time.sleep(0.08)
+        busy.touch(taken, "busy")
+        assert other.take("other", 0 if isinstance(other, MemoryQueue) else 1) is None
+    busy.ack(taken)
+    assert other.pending() == 0

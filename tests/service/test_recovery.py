@@ -105,3 +105,19 @@ def test_edit_fails_after_max_deliveries(redis_url, redis_prefix, sqlite_url, tm
         assert not list(Path(settings.data_dir, "experts").glob(f"{edit_id}.*")) or True
         r = client.post(f"/edits/{edit_id}/rollback")
         assert r.status_code == 409 and r.json()["error_type"] == "conflict"
+
+
+def test_slow_worker_keeps_its_edit(redis_url, redis_prefix, sqlite_url, tmp_path):
+    """A worker still alive past the claim time heartbeats, so nobody trains its edit twice."""
+    import time
+
+    settings = make_settings(tmp_path, sqlite_url, redis_url, redis_prefix, embedded_worker=False,
+                             claim_idle_ms=300)
+    with running(settings) as client:
+        with start_worker(settings, name="slow", after_save=lambda _id: time.sleep(1.2)):
+            edit_id = client.post("/edits", json={"prompt": EDITS[0][0], "target": EDITS[0][1]}).json()["id"]
+            assert wait_for(lambda: client.get(f"/edits/{edit_id}").json()["status"] == "training", 5)
+            with start_worker(settings, name="eager"):
+                edit = wait_status(client, edit_id, {"active"})
+        assert edit["attempts"] == 1 and edit["worker"] == "slow"
+        assert len(list(Path(settings.data_dir, "experts").glob(f"{edit_id}.*"))) == 1

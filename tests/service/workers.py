@@ -21,7 +21,8 @@ def start_worker(settings: Settings, name: str | None = None, after_save=None, b
     db = open_database(settings)
     queue = open_queue(settings)
     live = build_live(settings, db, tiny_model("llama"))
-    worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries, name=name,
+    worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries,
+                        claim_idle_ms=settings.claim_idle_ms, name=name,
                         block_ms=block_ms, after_save=after_save)
     stop = threading.Event()
 

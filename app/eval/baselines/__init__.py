@@ -1,7 +1,44 @@
-"""Baseline editors driven by the same harness as SCEN."""
+"""Baseline editors driven by the same harness as SCEN: FT, FT+KL and a GRACE-style codebook.
+
+All edit the same layer as SCEN (the engine's resolved layer) and, unless an
+option says otherwise, use the engine expert's learning rate and step limit.
+"""
 
 from __future__ import annotations
 
+from app.eval.method import EditMethod
 
-def build_baseline(name: str, model, tokenizer, scen_config, options: dict[str, str]):
-    raise ValueError(f"baseline {name!r} is not available yet")
+# Value vectors live in down's output space, not in weight space: a step size of
+# the engine's weight learning rate barely moves them.
+GRACE_LR = 0.05
+# Initial deferral radius, in raw key units (L2 distance of down's input at the
+# last prompt token).
+GRACE_EPSILON = 8.0
+FT_KL_WEIGHT = 1.0
+
+
+def resolved_layer(model, scen_config) -> int:
+    from app.scen.adapters import adapter_for
+
+    n = len(adapter_for(model).layer_list(model))
+    return scen_config.layer if scen_config.layer is not None else round(n * 5 / 6)
+
+
+def build_baseline(name: str, model, tokenizer, scen_config, options: dict[str, str]) -> EditMethod:
+    layer = int(options.pop("layer", resolved_layer(model, scen_config)))
+    lr = float(options.pop("lr", scen_config.expert_lr if name in ("ft", "ft_kl") else GRACE_LR))
+    max_steps = int(options.pop("max_steps", scen_config.expert_max_steps if name != "grace" else 100))
+    if name in ("ft", "ft_kl"):
+        from app.eval.baselines.ft import FineTune
+
+        kl = float(options.pop("kl_weight", FT_KL_WEIGHT)) if name == "ft_kl" else 0.0
+        method: EditMethod = FineTune(model, tokenizer, layer, lr, max_steps, kl_weight=kl)
+    elif name == "grace":
+        from app.eval.baselines.grace import Grace
+
+        method = Grace(model, tokenizer, layer, float(options.pop("epsilon", GRACE_EPSILON)), lr, max_steps)
+    else:
+        raise ValueError(f"unknown baseline {name!r}; expected ft, ft_kl or grace")
+    if options:
+        raise ValueError(f"unknown option(s) for {name}: {sorted(options)}")
+    return method
