@@ -22,9 +22,6 @@ from app.api.app import create_app
 from app.settings import Settings
 from tests.utils.tiny_models import tiny_model
 
-# Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP
-# spinning makes every forward pass many times slower.
-torch.set_num_threads(1)
 
 REDIS_URL = os.environ.get("SCEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URLS = [
@@ -32,6 +29,16 @@ POSTGRES_URLS = [
     "postgresql+psycopg://postgres@127.0.0.1:5432/test",
 ]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP
+    spinning makes every forward pass many times slower. Restored for other test folders."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def unavailable(reason: str):
