@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sqlalchemy.exc import OperationalError
+from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
 from app.db.experts import ExpertStore
 from app.db.live import LiveSync
 from app.db.session import Database
@@ -16,14 +19,28 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
+@retry(
+    retry=retry_if_exception_type(OperationalError),
+    stop=stop_after_delay(60),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
 def open_database(settings: Settings) -> Database:
+    """Migrate (if enabled) and connect; waits up to a minute for a database that is still starting."""
     if settings.db_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.auto_migrate:
         from app.db.migrate import upgrade
 
         upgrade("head", url=settings.db_url)
-    return Database(settings.db_url)
+    db = Database(settings.db_url)
+    try:
+        db.ping()
+    except OperationalError:
+        db.close()
+        raise
+    return db
 
 
 def open_queue(settings: Settings) -> EditQueue:
