@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from typing import Callable
 
@@ -179,11 +178,3 @@ def start_thread(worker: EditWorker) -> tuple[threading.Thread, threading.Event]
     thread.start()
     return thread, stop
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
