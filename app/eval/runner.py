@@ -323,8 +323,8 @@ def run(plan: EvalPlan, lm=None, on_checkpoint: Callable[[dict], None] | None = 
         if plan.sweeps:
             from app.eval.sweeps import run_sweeps
 
-            results["sweeps"][name] = run_sweeps(method, ok, reference, plan)
-        if name == "scen" or method.routes:
+            results["sweeps"][name] = run_sweeps(method, ok, reference, plan, base_model)
+        if method.routes:
             results.setdefault("routing", {})[name] = report.routing_snapshot(method, ok)
         report.write_json(results, plan.out)
         method.close()

@@ -68,3 +68,36 @@ def test_same_seed_same_selection_and_numbers(tmp_path):
     strip = lambda r: {k: v for k, v in r["methods"]["scen"].items() if "seconds" not in k and k != "train"}
     assert [e["id"] for e in a["per_edit"]["scen"]] == [e["id"] for e in b["per_edit"]["scen"]]
     assert strip(a) == strip(b)
+
+
+def test_all_methods_and_theta_sweep_on_tiny_model(tmp_path):
+    out = tmp_path / "results.json"
+    plan = EvalPlan(
+        dataset=mend_file(tmp_path), checkpoints=[2, 3], seed=0, out=out, methods=["scen", "ft", "ft_kl", "grace"],
+        overrides=["layer=2", "expert_lr=1e-2"], sweeps=["theta=0.5:0.9:0.2"],
+        method_options=["grace.epsilon=1.0", "grace.lr=0.5"],
+    )
+    results = run(plan, lm=tiny_model("llama"))
+    assert set(results["methods"]) == {"scen", "ft", "ft_kl", "grace"}
+    for name, m in results["methods"].items():
+        assert 0 <= m["reliability"] <= 1 and 0 <= m["locality"] <= 1, name
+        assert results["checkpoints"][0]["methods"][name]["counts"]["edits"] == 2
+    assert results["methods"]["ft"]["locality_routed_rate"] is None
+    assert results["methods"]["grace"]["locality_routed_rate"] is not None
+    assert results["method_config"]["grace"]["epsilon"] == 1.0
+    assert [r["value"] for r in results["sweeps"]["scen"]["theta"]] == [0.5, 0.7, 0.9]
+    # Every edit prompt is its own neuron's positive: it routes to its own edit at every theta swept.
+    assert all(r["reliability_routed_own_rate"] == 1.0 for r in results["sweeps"]["scen"]["theta"][:2])
+    assert set(results["routing"]["scen"]["top"]) == {"edit", "rephrase", "locality"}
+
+
+def test_resume_skips_finished_methods(tmp_path, caplog):
+    kw = dict(dataset=mend_file(tmp_path), checkpoints=[2], seed=0, out=tmp_path / "r.json",
+              overrides=["layer=2", "expert_lr=1e-2"], generation=False)
+    first = run(EvalPlan(methods=["ft"], **kw), lm=tiny_model("llama"))
+    caplog.set_level("INFO")
+    second = run(EvalPlan(methods=["ft", "grace"], resume=True, **kw), lm=tiny_model("llama"))
+    assert "ft already complete" in caplog.text
+    assert second["methods"]["ft"] == first["methods"]["ft"] and "grace" in second["methods"]
+    with pytest.raises(ValueError, match="different run"):
+        run(EvalPlan(methods=["ft"], resume=True, **(kw | {"seed": 5})), lm=tiny_model("llama"))

@@ -10,10 +10,10 @@ from app.eval.method import EditMethod
 
 # Value vectors live in down's output space, not in weight space: a step size of
 # the engine's weight learning rate barely moves them.
-GRACE_LR = 0.05
+GRACE_LR = 0.5
 # Initial deferral radius, in raw key units (L2 distance of down's input at the
 # last prompt token).
-GRACE_EPSILON = 8.0
+GRACE_EPSILON = 5.0
 FT_KL_WEIGHT = 1.0
 
 

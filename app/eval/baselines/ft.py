@@ -26,7 +26,7 @@ class FineTune(EditMethod):
     name = "ft"
 
     def __init__(self, model, tokenizer, layer: int, lr: float, max_steps: int, kl_weight: float = 0.0,
-                 kl_prompts: int = 32):
+                 kl_prompts: int = 16):
         super().__init__(model, tokenizer)
         self.site = LayerSite(model, layer)
         self.lr, self.max_steps, self.kl_weight = lr, max_steps, kl_weight
@@ -37,10 +37,11 @@ class FineTune(EditMethod):
             # the evaluation's locality prompts are never seen in training.
             self.kl_batch = encode(tokenizer, pool_prompts()[:kl_prompts]).to(self.site.device)
             self.kl_rec = self.site.record(self.kl_batch)
+            # KL on the next-token distribution after each prompt (where an answer would start):
+            # the full-sequence version costs a vocabulary-sized softmax per token per step.
             with torch.no_grad():
-                logits = model(**self.kl_batch.model_inputs(), use_cache=False).logits
-            self.kl_ref = F.log_softmax(logits.float(), dim=-1)  # (P, T, V) of the unedited model
-            self.kl_mask = self.kl_batch.attention_mask.bool()
+                logits = model(**self.kl_batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
+            self.kl_ref = F.log_softmax(logits.float(), dim=-1)  # (P, V) of the unedited model
 
     def config(self) -> dict[str, Any]:
         return {"layer": self.site.layer, "lr": self.lr, "max_steps": self.max_steps, "kl_weight": self.kl_weight,
@@ -73,9 +74,9 @@ class FineTune(EditMethod):
                         break
                     if kl_rec is not None:
                         current["rec"] = kl_rec
-                        logits = self.model(**self.kl_batch.model_inputs(), use_cache=False).logits
-                        logp = F.log_softmax(logits.float(), dim=-1)
-                        kl = (self.kl_ref.exp() * (self.kl_ref - logp)).sum(-1)[self.kl_mask].mean()
+                        logits = self.model(**self.kl_batch.model_inputs(), use_cache=False, logits_to_keep=1).logits
+                        logp = F.log_softmax(logits[:, -1].float(), dim=-1)
+                        kl = (self.kl_ref.exp() * (self.kl_ref - logp)).sum(-1).mean()
                         kl_value = kl.item()
                         loss = loss + self.kl_weight * kl
                     opt.zero_grad(set_to_none=True)
