@@ -118,6 +118,10 @@ class Editor:
 
     def validate(self, prompt: str, target: str, rephrases: Sequence[str] = ()) -> None:
         """Raise ``InvalidEditError`` when the edit cannot be trained; changes nothing."""
+        with self._lock:  # fast tokenizers refuse concurrent use
+            self._validate(prompt, target, rephrases)
+
+    def _validate(self, prompt: str, target: str, rephrases: Sequence[str]) -> None:
         cfg = self.config
         for name, text in [("prompt", prompt), ("target", target)] + [
             (f"rephrases[{i}]", r) for i, r in enumerate(rephrases)
