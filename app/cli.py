@@ -57,12 +57,19 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed of the record shuffle and of training.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write results.json.")] = Path("results.json"),
     model: Annotated[Optional[str], typer.Option(help="HF id or path; default: the bundled SmolLM2.")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "scen",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: scen, ft, ft_kl, grace.")] = "scen",
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Engine setting, e.g. --set layer=25 --set theta=0.65.")
     ] = None,
     sweep: Annotated[Optional[list[str]], typer.Option(help="e.g. theta=0.5:0.9:0.05")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run: methods already finished in --out are kept.")
+    ] = False,
+    option: Annotated[
+        Optional[list[str]],
+        typer.Option("--option", help="Baseline setting, e.g. --option grace.epsilon=5 --option ft_kl.kl_weight=1."),
+    ] = None,
+    generation: Annotated[bool, typer.Option(help="Also measure free greedy generation (slower).")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Sequentially edit a dataset and measure reliability, generality and locality."""
@@ -71,7 +78,7 @@ def eval_(
 
     run_from_cli(
         dataset=dataset, edits=edits, seed=seed, out=out, model=model, methods=methods,
-        overrides=set_ or [], sweeps=sweep or [], resume=resume,
+        overrides=set_ or [], sweeps=sweep or [], resume=resume, method_options=option or [], generation=generation,
     )
 
 

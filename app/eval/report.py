@@ -119,9 +119,54 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 [fmt(r["value"])] + [fmt(r.get(k)) for k, _ in cols] for r in rows
             ]
             lines += [f"## {name}: {option} sweep", "", markdown_table(table), ""]
+    lines += comparison(results)
     for png in results.get("plots", []):
         lines += [f"![{Path(png).stem}]({Path(png).name})", ""]
     Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+COMPARED = [
+    ("reliability", True), ("generality", True), ("locality", True), ("generation_exact_match", True),
+    ("generation_exact_match_rephrase", True), ("generation_locality_unchanged", True),
+    ("seconds_per_edit_p50", False),
+]
+
+
+def comparison(results: dict[str, Any], margin: float = 0.02) -> list[str]:
+    """Where SCEN is ahead of or behind each baseline at the last checkpoint (differences above ``margin``)."""
+    methods = results.get("methods") or {}
+    scen = methods.get("scen")
+    if not scen or len(methods) < 2:
+        return []
+    lines = [f"## SCEN against each baseline after {results['edits']} edits", ""]
+    for name, other in methods.items():
+        if name == "scen":
+            continue
+        wins, losses = [], []
+        for key, higher_better in COMPARED:
+            a, b = scen.get(key), other.get(key)
+            if a is None or b is None:
+                continue
+            diff = (a - b) if higher_better else (b - a) / max(b, 1e-9)
+            text = f"{key} {fmt(a)} vs {fmt(b)}"
+            if diff > margin:
+                wins.append(text)
+            elif diff < -margin:
+                losses.append(text)
+        lines.append(f"- **vs {name}**: ahead on " + ("; ".join(wins) or "nothing") + ". Behind on "
+                     + ("; ".join(losses) or "nothing") + ".")
+    return lines + [""]
+
+
+def render(results: dict[str, Any], out: Path) -> Path:
+    """Plots and report.md beside ``out`` (the results JSON); returns the markdown path."""
+    from app.eval import plots
+
+    folder = Path(out).parent
+    results["plots"] = [Path(p).name for p in plots.write_all(results, folder)]
+    md = folder / "report.md"
+    write_markdown(results, md)
+    return md
 
 
 def print_summary(results: dict[str, Any]) -> None:

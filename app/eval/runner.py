@@ -344,6 +344,7 @@ def run_from_cli(
     resume: bool,
     method_options: list[str] | None = None,
     generation: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
     import shlex
     import sys
@@ -356,9 +357,9 @@ def run_from_cli(
         method_options=list(method_options or []), generation=generation,
     )
     scen_config(plan)  # fail on a bad --set before loading anything
-    plan.command = "scen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    plan.command = command or "scen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = run(plan)
+    report.render(results, plan.out)
     report.write_json(results, plan.out)
-    report.write_markdown(results, plan.out.with_name("report.md"))
     report.print_summary(results)
     return results

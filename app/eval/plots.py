@@ -1,0 +1,130 @@
+"""PNG plots of a results dictionary (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CURVES = [
+    ("reliability", "reliability (teacher-forced)"),
+    ("generality", "generality (teacher-forced)"),
+    ("locality", "locality (agreement with unedited)"),
+    ("generation_exact_match", "exact match, edit prompt"),
+    ("generation_exact_match_rephrase", "exact match, rephrase"),
+    ("generation_locality_unchanged", "locality generation unchanged"),
+]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scaling(results: dict[str, Any], path: Path) -> Path | None:
+    checkpoints = [c for c in results.get("checkpoints", []) if c["methods"]]
+    if not checkpoints:
+        return None
+    plt = _plt()
+    methods = sorted({m for c in checkpoints for m in c["methods"]})
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for name in methods:
+            pts = [(c["edits"], c["methods"][name].get(key)) for c in checkpoints if name in c["methods"]]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("edits applied (sequential)")
+    axes[0, 0].legend()
+    fig.suptitle(f"{results['model']}: metrics as edits accumulate (seed {results['seed']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep(results: dict[str, Any], method: str, option: str, path: Path) -> Path | None:
+    rows = (results.get("sweeps") or {}).get(method, {}).get(option)
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [r["value"] for r in rows]
+    for key in ("reliability", "generality", "locality", "locality_routed_rate", "generality_routed_own_rate"):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(xs, ys, marker="o", label=key)
+    ax.set_xlabel(option)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{method}: {option} sweep after {results['edits']} edits (no retraining)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap(results: dict[str, Any], path: Path, method: str = "scen") -> Path | None:
+    snap = (results.get("routing") or {}).get(method) or {}
+    maps = snap.get("heatmap") or {}
+    if not maps:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 4.6), squeeze=False)
+    for ax, (group, grid) in zip(axes[0], maps.items()):
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"{group} prompts")
+        ax.set_xlabel("indexing neuron (edit order)")
+        ax.set_ylabel("prompt (edit order)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="activation")
+    fig.suptitle(f"{method}: neuron activations (first {len(next(iter(maps.values())))} edits)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def top_activation(results: dict[str, Any], path: Path, method: str = "scen") -> Path | None:
+    snap = (results.get("routing") or {}).get(method) or {}
+    top = snap.get("top") or {}
+    if not top:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bins = [i / 40 for i in range(41)]
+    for group, values in top.items():
+        ax.hist(values, bins=bins, alpha=0.5, label=f"{group} (n={len(values)})")
+    theta = (results.get("method_config") or {}).get(method, {}).get("theta") or results["config"].get("theta")
+    if theta is not None:
+        ax.axvline(theta, color="k", linestyle="--", label=f"theta = {theta}")
+    ax.set_xlabel("top neuron activation")
+    ax.set_ylabel("prompts")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{method}: top activation, edited vs unrelated prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(results: dict[str, Any], folder: Path) -> list[str]:
+    folder = Path(folder)
+    made = [
+        scaling(results, folder / "scaling.png"),
+        sweep(results, "scen", "theta", folder / "sweep_theta.png"),
+        sweep(results, "grace", "epsilon_scale", folder / "sweep_grace_epsilon.png"),
+        heatmap(results, folder / "activations_heatmap.png"),
+        top_activation(results, folder / "top_activation.png"),
+    ]
+    return [str(p) for p in made if p is not None]

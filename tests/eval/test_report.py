@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from app.eval import report
+from app.eval.sweeps import parse_sweep
+
+
+def test_parse_sweep():
+    assert parse_sweep("theta=0.5:0.9:0.1") == ("theta", [0.5, 0.6, 0.7, 0.8, 0.9])
+    assert parse_sweep("layer=20,25") == ("layer", [20.0, 25.0])
+    with pytest.raises(ValueError, match="bad sweep"):
+        parse_sweep("theta")
+    with pytest.raises(ValueError, match="bad sweep"):
+        parse_sweep("theta=0.9:0.5:-0.1")
+
+
+def fake_results():
+    m = lambda rel, loc, s: {"reliability": rel, "generality": rel - 0.2, "locality": loc,
+                             "generation_exact_match": rel, "seconds_per_edit_p50": s}
+    return {
+        "model": "tiny", "dataset": "d.json", "seed": 0, "edits": 50, "config": {"theta": 0.65},
+        "methods": {"scen": m(1.0, 0.99, 1.0), "ft": m(0.5, 0.40, 1.0)},
+        "checkpoints": [{"edits": 10, "methods": {"scen": m(1.0, 1.0, 1.0), "ft": m(0.9, 0.8, 1.0)}},
+                        {"edits": 50, "methods": {"scen": m(1.0, 0.99, 1.0), "ft": m(0.5, 0.40, 1.0)}}],
+        "sweeps": {"scen": {"theta": [{"value": 0.5, "reliability": 1.0, "locality": 0.9},
+                                      {"value": 0.7, "reliability": 0.9, "locality": 1.0}]}},
+        "routing": {"scen": {"top": {"edit": [0.99, 0.97], "locality": [0.01, 0.2]},
+                             "heatmap": {"edit": [[0.99, 0.0], [0.1, 0.97]]}}},
+    }
+
+
+def test_comparison_names_wins_and_losses():
+    lines = report.comparison(fake_results())
+    ft = next(line for line in lines if "vs ft" in line)
+    assert "ahead on reliability 1.000 vs 0.500" in ft and "locality 0.990 vs 0.400" in ft
+    assert "Behind on nothing" in ft
+
+
+def test_render_writes_markdown_and_plots(tmp_path):
+    results = fake_results()
+    md = report.render(results, tmp_path / "results.json")
+    text = md.read_text()
+    assert "| scen | 1.000 |" in text and "## After 10 edits" in text and "theta sweep" in text
+    for name in ("scaling.png", "sweep_theta.png", "activations_heatmap.png", "top_activation.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in text
+    report.write_json(results, tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text())["plots"]
