@@ -84,3 +84,7 @@ def eval_(
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()
