@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from app.eval import metrics as M
 from app.eval.datasets import Dataset, EditRecord, load_dataset
 from app.eval.method import EditMethod
-from app.eval.scoring import generation_limit, greedy, no_probe, teacher_forced
+from app.eval.scoring import generation_limit, greedy, teacher_forced
+from app.scen import InvalidEditError
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,35 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     return names
 
 
-def select_records(dataset: Dataset, n: int, seed: int) -> tuple[list[EditRecord], list[int]]:
-    """The first ``n`` editable records after a seeded shuffle, and the indices of unusable ones passed over."""
+def select_records(
+    dataset: Dataset, n: int, seed: int, usable: Callable[[EditRecord], bool] = lambda r: True
+) -> tuple[list[EditRecord], list[int]]:
+    """The first ``n`` usable records after a seeded shuffle, and the indices of unusable ones passed over."""
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
     chosen, passed = [], []
     for i in order:
         if len(chosen) == n:
             break
-        (chosen if dataset.records[i].editable else passed).append(i)
+        r = dataset.records[i]
+        (chosen if r.editable and usable(r) else passed).append(i)
     if len(chosen) < n:
         usable = sum(r.editable for r in dataset.records)
         raise ValueError(f"asked for {n} edits but {dataset.path} holds {usable} usable records")
     return [dataset.records[i] for i in chosen], passed
+
+
+def within_limits(tokenizer, cfg) -> Callable[[EditRecord], bool]:
+    """The engine's request limits, applied to every method so all edit the same records."""
+    from app.scen.prompts import prompt_ids, target_ids
+
+    def ok(r: EditRecord) -> bool:
+        return (
+            len(prompt_ids(tokenizer, r.prompt)) <= cfg.max_prompt_tokens
+            and len(target_ids(tokenizer, r.target)) - 1 <= cfg.max_target_tokens
+        )
+
+    return ok
 
 
 def edit_id(record: EditRecord) -> str:
@@ -249,15 +266,15 @@ def run(plan: EvalPlan, lm=None, on_checkpoint: Callable[[dict], None] | None = 
     from app.eval import report
 
     dataset = load_dataset(plan.dataset)
-    records, passed_over = select_records(dataset, plan.edits, plan.seed)
-    if passed_over:
-        log.warning("records %s have an empty target and were passed over", passed_over)
     if lm is None:
         from app.models import load_model
 
         lm = load_model(plan.model)
     base_model, tokenizer = lm.model, lm.tokenizer
     cfg = scen_config(plan)
+    records, passed_over = select_records(dataset, plan.edits, plan.seed, within_limits(tokenizer, cfg))
+    if passed_over:
+        log.warning("records %s have an empty target or exceed the engine's token limits; passed over", passed_over)
     results: dict[str, Any] = report.load_partial(plan) if plan.resume else {}
     if not results:
         results = {
@@ -298,7 +315,7 @@ def run(plan: EvalPlan, lm=None, on_checkpoint: Callable[[dict], None] | None = 
                 try:
                     m = method.apply(eid, record)
                     ok.append(record)
-                except ValueError as exc:  # the engine's InvalidEditError is a ValueError
+                except InvalidEditError as exc:
                     log.warning("%s: record %d not edited: %s", name, record.index, exc)
                     m = {"error": str(exc), "seconds": None}
                 per_edit.append({"id": eid, **m})

@@ -101,3 +101,15 @@ def test_resume_skips_finished_methods(tmp_path, caplog):
     assert second["methods"]["ft"] == first["methods"]["ft"] and "grace" in second["methods"]
     with pytest.raises(ValueError, match="different run"):
         run(EvalPlan(methods=["ft"], resume=True, **(kw | {"seed": 5})), lm=tiny_model("llama"))
+
+
+def test_records_over_the_engine_limits_are_passed_over_for_every_method(tmp_path):
+    path = mend_file(tmp_path)
+    recs = json.loads(path.read_text())
+    recs[1]["alt"] = "a very long answer " * 20
+    path.write_text(json.dumps(recs))
+    plan = EvalPlan(dataset=path, checkpoints=[4], seed=0, out=tmp_path / "r.json", methods=["ft"],
+                    overrides=["layer=2", "max_target_tokens=16"], generation=False)
+    results = run(plan, lm=tiny_model("llama"))
+    assert sorted(results["records_passed_over"]) == [1, 5]
+    assert 1 not in [int(e["id"][1:]) for e in results["per_edit"]["ft"]]
