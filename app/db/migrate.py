@@ -1,7 +1,8 @@
-"""Running the Alembic migrations that ship inside the package."""
+"""Running the Alembic migrations (the top-level ``migrations`` package, installed with the project)."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
-SCRIPT_LOCATION = Path(__file__).resolve().parent / "migrations"
+SCRIPT_LOCATION = Path(next(iter(importlib.util.find_spec("migrations").submodule_search_locations)))
 
 
 def alembic_config(url: str) -> Config:
