@@ -24,7 +24,7 @@ class ScenConfig:
     expert_max_steps: int = 40
     # Keep training past the first exact reproduction until every target token
     # has at least this probability; a confident expert carries better to rephrases.
-    expert_min_prob: float = 0.0
+    expert_min_prob: float = 0.8
     # Noisy copies of the recorded hidden states trained alongside the prompt
     # (noise relative to each vector's RMS): a rephrase reaches the expert with
     # hidden states near the prompt's, not equal to them.

@@ -24,7 +24,7 @@ from app.scen.errors import InvalidEditError, UnknownEditError
 from app.scen.experts import new_expert
 from app.scen.prompts import Batch, encode, prompt_ids, target_ids
 from app.scen.routed import RoutedDown, Router
-from app.scen.training import Timer, TrainedEdit, train_expert, train_neuron
+from app.scen.training import Timer, TrainedEdit, target_positions, train_expert, train_neuron
 
 
 @dataclass
@@ -276,9 +276,10 @@ class Editor:
                     slots = [self._ids.index(e) if e is not None else -1 for e in force[start:stop]]
                     ctx = self.routed.forced(torch.tensor(slots, device=self.device))
                 with ctx as session:
-                    logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=n + 1).logits
+                    keep = target_positions(batch.input_ids.shape[1], n, self.device)
+                    logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep).logits
                     routing = session.get("routing") if isinstance(session, dict) else None
-            pred = logits[:, :n].argmax(-1).cpu()  # (B, n); row i's target is its last len(t) of them
+            pred = logits.argmax(-1).cpu()  # (B, n); row i's target is its last len(t) of them
             routes = self._routes(routing, len(batch.targets)) if force is None else [
                 Route(e, 1.0 if e else 0.0) for e in force[start:stop]
             ]

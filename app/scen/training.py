@@ -116,10 +116,11 @@ def train_expert(
     replay = _Replay(
         layers[layer], out.repeat(reps, 1, 1), keys.repeat(reps, 1, 1), expert, B, config.expert_noise, generator
     )
+    keep = target_positions(batch.input_ids.shape[1], n, out.device)
     steps, converged = 0, False
     with replay_above(layers, layer, replay), torch.enable_grad():
         while True:
-            logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits[:, :n]  # (B*reps, n, V)
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B*reps, n, V)
             logp = F.log_softmax(logits.float(), dim=-1)
             tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B*reps, n)
             loss = -tok_logp.mean()
@@ -133,6 +134,16 @@ def train_expert(
             steps += 1
     expert.requires_grad_(False)
     return {"steps": steps, "loss": loss.item(), "min_target_prob": min_prob, "converged": converged}
+
+
+def target_positions(T: int, n: int, device: torch.device) -> torch.Tensor:
+    """Positions whose logits predict the last ``n`` tokens of a length-``T`` row.
+
+    Given as indices rather than a count: the model then gathers a contiguous copy
+    before its vocabulary projection, which runs as one matrix product instead of a
+    much slower batched product over a strided view.
+    """
+    return torch.arange(T - n - 1, T - 1, device=device)
 
 
 def neuron_loss(a_pos: torch.Tensor, a_neg: torch.Tensor, config: ScenConfig) -> torch.Tensor:
