@@ -106,7 +106,8 @@ def train_expert(
 
     All rows of ``batch`` (the prompt and any rephrases) share one target; the
     stopping rule looks at these rows, the loss also at their noisy copies.
-    Returns steps, final loss, min target probability and whether it converged.
+    Returns steps, final loss, min target probability, whether the argmax
+    reproduces the target and whether the full stopping rule was met.
     """
     B, n = len(batch.targets), len(batch.targets[0])
     reps = 1 + config.expert_noise_copies
@@ -125,7 +126,8 @@ def train_expert(
             tok_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B*reps, n)
             loss = -tok_logp.mean()
             min_prob = tok_logp[:B].min().exp().item()
-            converged = bool((logits[:B].argmax(-1) == target[:B]).all()) and min_prob >= config.expert_min_prob
+            reproduced = bool((logits[:B].argmax(-1) == target[:B]).all())
+            converged = reproduced and min_prob >= config.expert_min_prob
             if converged or steps >= config.expert_max_steps:
                 break
             opt.zero_grad(set_to_none=True)
@@ -133,7 +135,10 @@ def train_expert(
             opt.step()
             steps += 1
     expert.requires_grad_(False)
-    return {"steps": steps, "loss": loss.item(), "min_target_prob": min_prob, "converged": converged}
+    return {
+        "steps": steps, "loss": loss.item(), "min_target_prob": min_prob,
+        "reproduced": reproduced, "converged": converged,
+    }
 
 
 def target_positions(T: int, n: int, device: torch.device) -> torch.Tensor:
