@@ -15,7 +15,6 @@ from importlib import resources
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.scen.adapters import adapter_for
