@@ -70,6 +70,10 @@ def eval_(
         typer.Option("--option", help="Baseline setting, e.g. --option grace.epsilon=5 --option ft_kl.kl_weight=1."),
     ] = None,
     generation: Annotated[bool, typer.Option(help="Also measure free greedy generation (slower).")] = True,
+    sample: Annotated[
+        int,
+        typer.Option(help="Generation and sweeps past this many edits measure a seeded sample of this size; 0: all."),
+    ] = 300,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Sequentially edit a dataset and measure reliability, generality and locality."""
@@ -79,6 +83,7 @@ def eval_(
     run_from_cli(
         dataset=dataset, edits=edits, seed=seed, out=out, model=model, methods=methods,
         overrides=set_ or [], sweeps=sweep or [], resume=resume, method_options=option or [], generation=generation,
+        sample=sample,
     )
 
 

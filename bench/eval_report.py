@@ -1,17 +1,23 @@
-"""Re-render report.md and the PNG plots from an existing results.json.
+"""Re-render report.md and the PNG plots from results.json, or merge the results of runs of
+different methods (same data, seed and checkpoints; e.g. run in parallel) into one report.
 
     .venv/bin/python bench/eval_report.py bench/results/zsre_smollm2/results.json
+    .venv/bin/python bench/eval_report.py runs/a/results.json runs/b/results.json --out runs/all/results.json
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from app.eval import report
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1])
-    results = json.loads(path.read_text())
-    md = report.render(results, path)
-    report.write_json(results, path)
-    print(md)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, help="where to write the merged results.json (default: the first input)")
+    args = ap.parse_args()
+    results = report.merge([json.loads(p.read_text()) for p in args.results])
+    out = args.out or args.results[0]
+    md = report.render(results, out)
+    report.write_json(results, out)
+    print(md.read_text())

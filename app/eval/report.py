@@ -44,6 +44,7 @@ def load_partial(plan) -> dict[str, Any]:
         results.get("dataset") == str(plan.dataset)
         and results.get("seed") == plan.seed
         and results.get("checkpoint_edits") == plan.checkpoints
+        and results.get("generation_sample", plan.sample) == plan.sample
     )
     if not same:
         raise ValueError(
@@ -51,6 +52,27 @@ def load_partial(plan) -> dict[str, Any]:
             f"edits {results.get('checkpoint_edits')}); remove it or drop --resume"
         )
     return results
+
+
+def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from runs of different methods on the same data, seed and checkpoints
+    (e.g. methods run in parallel processes). Later parts win where a method appears twice."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    key = ("model", "dataset", "seed", "checkpoint_edits", "records_passed_over", "generation_sample")
+    first = parts[0]
+    for other in parts[1:]:
+        differ = [k for k in key if other.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"cannot merge runs that differ in {', '.join(differ)}")
+    out = json.loads(json.dumps(first))
+    for other in parts[1:]:
+        for section in ("methods", "method_config", "per_edit", "sweeps", "routing"):
+            out.setdefault(section, {}).update(other.get(section) or {})
+        for mine, theirs in zip(out["checkpoints"], other["checkpoints"]):
+            mine["methods"].update(theirs["methods"])
+        out["command"] = "; ".join(c for c in (out.get("command"), other.get("command")) if c)
+    return out
 
 
 def fmt(value: Any) -> str:

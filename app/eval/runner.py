@@ -44,6 +44,10 @@ class EvalPlan:
     model: str | None = None
     batch_size: int = 16
     generation: bool = True
+    # Free generation and sweeps at a checkpoint past this many edits measure a seeded sample
+    # of this many of its edits (the same sample for every method); teacher-forced metrics
+    # always cover every edit. 0 measures every edit.
+    sample: int = 300
     resume: bool = False
     # Options of the baselines, "method.key=value" (e.g. "grace.epsilon=3").
     method_options: list[str] = field(default_factory=list)
@@ -107,6 +111,15 @@ def edit_id(record: EditRecord) -> str:
     return f"r{record.index}"
 
 
+def sampled(records: Sequence[EditRecord], size: int, seed: int) -> list[EditRecord]:
+    """The records that generation and sweeps measure: all of them, or a seeded sample of ``size``
+    that depends only on the seed and on which records there are, so every method gets the same."""
+    if not size or len(records) <= size:
+        return list(records)
+    keep = set(random.Random(f"{seed}:{len(records)}").sample(range(len(records)), size))
+    return [r for i, r in enumerate(records) if i in keep]
+
+
 # ---- the unedited model's reference answers ------------------------------------------------
 
 
@@ -115,8 +128,22 @@ class Reference:
     """What the unedited model does on every prompt of the run, for locality and "before" numbers."""
 
     loc_predicted: dict[tuple[int, int], list[int]]  # (record index, locality j) -> argmax ids
-    loc_generated: dict[tuple[int, int], str]
     metrics: dict[str, Any]
+    model: Any = None  # the unedited model, for greedy generations asked for later
+    tokenizer: Any = None
+    batch_size: int = 16
+    loc_generated: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    def generations(self, items: Sequence[tuple[tuple[int, int], str, str]]) -> dict[tuple[int, int], str]:
+        """The unedited model's greedy generation on locality ``items``, each generated once per run."""
+        todo = [item for item in items if item[0] not in self.loc_generated]
+        if todo:
+            limits = [generation_limit(self.tokenizer, a) for _, _, a in todo]
+            with tqdm(total=len(todo), desc="unedited generation", leave=False) as bar:
+                gens = greedy(self.model, self.tokenizer, [p for _, p, _ in todo], limits,
+                              batch_size=self.batch_size, progress=bar.update)
+            self.loc_generated |= {key: g.text for (key, _, _), g in zip(todo, gens)}
+        return {key: self.loc_generated[key] for key, _, _ in items}
 
 
 def locality_items(records: Sequence[EditRecord]) -> list[tuple[tuple[int, int], str, str]]:
@@ -133,15 +160,10 @@ def build_reference(model, tokenizer, records: Sequence[EditRecord], plan: EvalP
     with tqdm(total=len(prompts), desc="unedited model", leave=False) as bar:
         scored = teacher_forced(model, tokenizer, prompts, targets, batch_size=plan.batch_size, progress=bar.update)
     loc_pred = {key: s.predicted for (key, _, _), s in zip(items, scored[n_rel:])}
-    loc_gen: dict[tuple[int, int], str] = {}
-    if plan.generation and items:
-        limits = [generation_limit(tokenizer, a) for a in loc_answers]
-        with tqdm(total=len(items), desc="unedited generation", leave=False) as bar:
-            gens = greedy(model, tokenizer, loc_prompts, limits, batch_size=plan.batch_size, progress=bar.update)
-        loc_gen = {key: g.text for (key, _, _), g in zip(items, gens)}
     rel = [M.token_accuracy(s.predicted, s.target) for s in scored[:n_rel]]
     ppl = [M.perplexity(s.logprobs) for s in scored[:n_rel]]
-    return Reference(loc_pred, loc_gen, {"reliability": M.mean(rel), "target_perplexity": M.mean(ppl)})
+    return Reference(loc_pred, {"reliability": M.mean(rel), "target_perplexity": M.mean(ppl)}, model, tokenizer,
+                     plan.batch_size)
 
 
 # ---- measuring one method at one checkpoint ------------------------------------------------
@@ -158,9 +180,7 @@ def evaluate(
     """All metrics of ``method`` on ``records`` (the edits applied so far)."""
     generation = plan.generation if generation is None else generation
     tok = method.tokenizer
-    rel = [(edit_id(r), r.prompt, r.target) for r in records]
-    gen = [(edit_id(r), p, r.target) for r in records for p in r.rephrases]
-    loc = locality_items(records)
+    rel, gen, loc = prompt_sets(records)
     prompts = [p for _, p, _ in rel] + [p for _, p, _ in gen] + [p for _, p, _ in loc]
     targets = [t for _, _, t in rel] + [t for _, _, t in gen] + [a for _, _, a in loc]
     n_rel, n_gen = len(rel), len(gen)
@@ -185,21 +205,7 @@ def evaluate(
         out["locality_routed_rate"] = None
 
     if generation:
-        limits = [generation_limit(tok, t) for t in targets]
-        with tqdm(total=len(prompts), desc=f"{method.name}: generation", leave=False) as bar:
-            gens = greedy(
-                method.model, tok, prompts, limits, probe=method.probe, batch_size=plan.batch_size, progress=bar.update
-            )
-        g_rel, g_gen, g_loc = gens[:n_rel], gens[n_rel : n_rel + n_gen], gens[n_rel + n_gen :]
-        out |= {
-            "generation_exact_match": M.rate([M.exact_match(g.text, t) for (_, _, t), g in zip(rel, g_rel)]),
-            "generation_exact_match_rephrase": M.rate([M.exact_match(g.text, t) for (_, _, t), g in zip(gen, g_gen)]),
-            "generation_contains": M.rate([M.contains_match(g.text, t) for (_, _, t), g in zip(rel, g_rel)]),
-            "generation_contains_rephrase": M.rate([M.contains_match(g.text, t) for (_, _, t), g in zip(gen, g_gen)]),
-            "generation_locality_unchanged": M.rate(
-                [M.exact_match(g.text, reference.loc_generated[k]) for (k, _, _), g in zip(loc, g_loc)]
-            ),
-        }
+        out |= generation_metrics(method, sampled(records, plan.sample, plan.seed), reference, plan)
     secs = list(edit_seconds)
     out |= {
         "seconds_per_edit_p50": M.percentile(secs, 50),
@@ -212,6 +218,40 @@ def evaluate(
         "eval_seconds": time.perf_counter() - start,
     }
     return out
+
+
+def prompt_sets(records: Sequence[EditRecord]):
+    """(edit id, prompt, answer) triples of the edit prompts, the rephrases and the locality prompts."""
+    rel = [(edit_id(r), r.prompt, r.target) for r in records]
+    gen = [(edit_id(r), p, r.target) for r in records for p in r.rephrases]
+    return rel, gen, locality_items(records)
+
+
+def generation_metrics(
+    method: EditMethod, records: Sequence[EditRecord], reference: Reference, plan: EvalPlan
+) -> dict[str, Any]:
+    """Greedy generation with the chat template on ``records``' prompts: exact and contains match
+    of the target, and whether locality generations are unchanged from the unedited model."""
+    tok = method.tokenizer
+    rel, gen, loc = prompt_sets(records)
+    prompts = [p for _, p, _ in rel + gen + loc]
+    limits = [generation_limit(tok, t) for _, _, t in rel + gen + loc]
+    with tqdm(total=len(prompts), desc=f"{method.name}: generation", leave=False) as bar:
+        gens = greedy(method.model, tok, prompts, limits, probe=method.probe, batch_size=plan.batch_size,
+                      progress=bar.update)
+    n_rel, n_gen = len(rel), len(gen)
+    g_rel, g_gen, g_loc = gens[:n_rel], gens[n_rel : n_rel + n_gen], gens[n_rel + n_gen :]
+    before = reference.generations(loc)
+    return {
+        "generation_exact_match": M.rate([M.exact_match(g.text, t) for (_, _, t), g in zip(rel, g_rel)]),
+        "generation_exact_match_rephrase": M.rate([M.exact_match(g.text, t) for (_, _, t), g in zip(gen, g_gen)]),
+        "generation_contains": M.rate([M.contains_match(g.text, t) for (_, _, t), g in zip(rel, g_rel)]),
+        "generation_contains_rephrase": M.rate([M.contains_match(g.text, t) for (_, _, t), g in zip(gen, g_gen)]),
+        "generation_locality_unchanged": M.rate(
+            [M.exact_match(g.text, before[k]) for (k, _, _), g in zip(loc, g_loc)]
+        ),
+        "generation_edits": len(records),
+    }
 
 
 def train_summary(per_edit: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -287,6 +327,7 @@ def run(plan: EvalPlan, lm=None, on_checkpoint: Callable[[dict], None] | None = 
             "method_config": {},
             "command": plan.command,
             "checkpoint_edits": plan.checkpoints,
+            "generation_sample": plan.sample,
             "records_passed_over": passed_over,
             "methods": {},
             "checkpoints": [{"edits": n, "methods": {}} for n in plan.checkpoints],
@@ -362,6 +403,7 @@ def run_from_cli(
     method_options: list[str] | None = None,
     generation: bool = True,
     command: str | None = None,
+    sample: int = EvalPlan.sample,
 ) -> dict[str, Any]:
     import shlex
     import sys
@@ -371,7 +413,7 @@ def run_from_cli(
     plan = EvalPlan(
         dataset=Path(dataset), checkpoints=parse_checkpoints(edits), seed=seed, methods=parse_methods(methods),
         overrides=list(overrides), sweeps=list(sweeps), out=Path(out), model=model, resume=resume,
-        method_options=list(method_options or []), generation=generation,
+        method_options=list(method_options or []), generation=generation, sample=sample,
     )
     scen_config(plan)  # fail on a bad --set before loading anything
     plan.command = command or "scen " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -1,7 +1,8 @@
 """Sweeps over one setting after the last checkpoint.
 
 An inference-time setting (SCEN's ``theta``, GRACE's ``epsilon_scale``) is changed
-in place on the trained method and re-measured: nothing is retrained. A setting
+in place on the trained method and re-measured: nothing is retrained. Each value
+is measured teacher-forced on the run's generation sample (``EvalPlan.sample``). A setting
 that changes training (e.g. ``layer``) needs its own sequential run, which
 ``run_sweeps`` performs on a fresh model copy with teacher-forced metrics only.
 """
@@ -44,8 +45,9 @@ def parse_sweep(spec: str) -> tuple[str, list[float]]:
 def run_sweeps(
     method: EditMethod, records: Sequence[EditRecord], reference, plan, base_model=None
 ) -> dict[str, Any]:
-    from app.eval.runner import build_method, evaluate, edit_id
+    from app.eval.runner import build_method, edit_id, evaluate, sampled
 
+    measured = sampled(records, plan.sample, plan.seed)
     results: dict[str, Any] = {}
     for spec in plan.sweeps:
         name, values = parse_sweep(spec)
@@ -54,7 +56,7 @@ def run_sweeps(
             original = method.config().get(name, DEFAULTS.get(name))
             for v in values:
                 method.set_option(name, v)
-                rows.append({"value": v, **evaluate(method, records, reference, plan, generation=False)})
+                rows.append({"value": v, **evaluate(method, measured, reference, plan, generation=False)})
             method.set_option(name, original if original is not None else values[0])
         elif method.name == "scen" and name not in INFERENCE_OPTIONS["scen"]:
             if base_model is None:
@@ -67,7 +69,7 @@ def run_sweeps(
                 other = build_method("scen", copy.deepcopy(base_model), method.tokenizer, sub_plan)
                 for r in records:
                     other.apply(edit_id(r), r)
-                rows.append({"value": v, **evaluate(other, records, reference, plan, generation=False)})
+                rows.append({"value": v, **evaluate(other, measured, reference, plan, generation=False)})
                 other.close()
         else:
             continue

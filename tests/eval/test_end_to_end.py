@@ -113,3 +113,39 @@ def test_records_over_the_engine_limits_are_passed_over_for_every_method(tmp_pat
     results = run(plan, lm=tiny_model("llama"))
     assert sorted(results["records_passed_over"]) == [1, 5]
     assert 1 not in [int(e["id"][1:]) for e in results["per_edit"]["ft"]]
+
+
+def test_generation_sample_is_seeded_and_shared():
+    from app.eval.datasets import EditRecord
+    from app.eval.runner import sampled
+
+    records = [EditRecord(index=i, prompt=f"p{i}", target="t") for i in range(50)]
+    assert sampled(records, 0, 0) == records and sampled(records[:10], 20, 0) == records[:10]
+    a = sampled(records, 20, 0)
+    assert len(a) == 20 and a == sampled(list(records), 20, 0)  # same for every method
+    assert [r.index for r in a] == sorted(r.index for r in a)  # edit order kept
+    assert a != sampled(records, 20, 1)
+
+
+def test_generation_and_sweeps_measure_the_sample(tmp_path):
+    plan = EvalPlan(
+        dataset=mend_file(tmp_path), checkpoints=[2, 4], seed=0, out=tmp_path / "r.json", methods=["scen"],
+        overrides=["layer=2", "expert_lr=1e-2"], sweeps=["theta=0.5,0.9"], sample=3,
+    )
+    results = run(plan, lm=tiny_model("llama"))
+    first, last = (c["methods"]["scen"] for c in results["checkpoints"])
+    assert first["generation_edits"] == 2 and first["counts"]["edits"] == 2
+    assert last["generation_edits"] == 3 and last["counts"]["edits"] == 4  # teacher-forced: every edit
+    assert all(row["counts"]["edits"] == 3 for row in results["sweeps"]["scen"]["theta"])
+    assert results["generation_sample"] == 3
+
+
+def test_ft_kl_draws_a_minibatch_of_its_kl_prompts(tmp_path):
+    plan = EvalPlan(
+        dataset=mend_file(tmp_path), checkpoints=[2], seed=0, out=tmp_path / "r.json", methods=["ft_kl"],
+        overrides=["layer=2", "expert_lr=1e-2"], generation=False,
+        method_options=["ft_kl.kl_prompts=6", "ft_kl.kl_batch=2"],
+    )
+    results = run(plan, lm=tiny_model("llama"))
+    assert results["method_config"]["ft_kl"] | {"kl_prompts": 6, "kl_batch": 2} == results["method_config"]["ft_kl"]
+    assert all(e["kl"] > 0 for e in results["per_edit"]["ft_kl"] if e["steps"])

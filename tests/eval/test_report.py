@@ -46,3 +46,20 @@ def test_render_writes_markdown_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in text
     report.write_json(results, tmp_path / "results.json")
     assert json.loads((tmp_path / "results.json").read_text())["plots"]
+
+
+def test_merge_combines_methods_of_parallel_runs():
+    a, b = fake_results(), fake_results()
+    a["methods"].pop("ft")
+    for c in a["checkpoints"]:
+        c["methods"].pop("ft")
+    b["methods"].pop("scen")
+    for c in b["checkpoints"]:
+        c["methods"].pop("scen")
+    b["sweeps"], b["routing"] = {}, {}
+    merged = report.merge([a, b])
+    assert set(merged["methods"]) == {"scen", "ft"}
+    assert [set(c["methods"]) for c in merged["checkpoints"]] == [{"scen", "ft"}, {"scen", "ft"}]
+    assert merged["sweeps"]["scen"] == a["sweeps"]["scen"] and "ft" not in a["methods"]  # inputs untouched
+    with pytest.raises(ValueError, match="differ in seed"):
+        report.merge([a, dict(b, seed=1)])

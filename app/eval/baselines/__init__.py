@@ -32,7 +32,9 @@ def build_baseline(name: str, model, tokenizer, scen_config, options: dict[str, 
         from app.eval.baselines.ft import FineTune
 
         kl = float(options.pop("kl_weight", FT_KL_WEIGHT)) if name == "ft_kl" else 0.0
-        method: EditMethod = FineTune(model, tokenizer, layer, lr, max_steps, kl_weight=kl)
+        kl_sizes = {k: int(options.pop(k)) for k in ("kl_prompts", "kl_batch") if k in options}
+        method: EditMethod = FineTune(model, tokenizer, layer, lr, max_steps, kl_weight=kl, seed=scen_config.seed,
+                                      **kl_sizes)
     elif name == "grace":
         from app.eval.baselines.grace import Grace
 
