@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # after max_deliveries deliveries the edit is marked failed.
     claim_idle_ms: int = Field(default=60_000, ge=1)
     max_deliveries: int = Field(default=3, ge=1)
+    # An edit waiting this long with no message in the queue (its API process died between the
+    # database commit and the enqueue, or the queue lost its data) is sent again by a worker.
+    requeue_after_s: float = Field(default=60.0, gt=0)
     # How often API processes reconcile their live model with the database.
     reconcile_seconds: float = Field(default=10.0, gt=0)
 

@@ -29,7 +29,8 @@ def run(settings: Settings | None = None) -> None:
     queue = open_queue(settings)
     live = build_live(settings, db)
     worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries,
-                        claim_idle_ms=settings.claim_idle_ms)
+                        claim_idle_ms=settings.claim_idle_ms,
+                        requeue_after_s=settings.requeue_after_s)
     stop = threading.Event()
 
     def on_signal(signum, _frame):

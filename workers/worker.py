@@ -11,10 +11,13 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
+from datetime import timedelta
 from typing import Callable
 
 from app.db import edits as repo
+from app.db.models import utcnow
 from app.db.session import Database
 from app.queue import EDIT_CHANGED, Delivery, EditQueue
 from app.scen import ScenError
@@ -38,6 +41,7 @@ class EditWorker:
         name: str | None = None,
         block_ms: int = 1000,
         after_save: Callable[[str], None] | None = None,
+        requeue_after_s: float = 60.0,
     ):
         self.live = live
         self.db = db
@@ -49,6 +53,8 @@ class EditWorker:
         self.block_ms = block_ms
         # Called between writing the expert file and committing; a fault-injection point.
         self.after_save = after_save
+        self.requeue_after_s = requeue_after_s
+        self._next_sweep = time.monotonic() + requeue_after_s
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.name)
@@ -63,6 +69,12 @@ class EditWorker:
                 backoff = min(backoff * 2, 10.0)
                 continue
             if delivery is None:
+                if time.monotonic() >= self._next_sweep:
+                    self._next_sweep = time.monotonic() + self.requeue_after_s
+                    try:
+                        self.requeue_lost()
+                    except Exception as exc:
+                        log.warning("could not look for lost edits (%s: %s)", type(exc).__name__, exc)
                 continue
             try:
                 self.handle(delivery)
@@ -71,6 +83,24 @@ class EditWorker:
                 log.exception("edit %s could not be handled; it will be retried", delivery.edit_id)
                 stop.wait(backoff)
         log.info("worker %s stopped", self.name)
+
+    def requeue_lost(self) -> list[str]:
+        """Send again every edit that has waited ``requeue_after_s`` with no message in the queue.
+
+        Runs when the worker is idle, in one worker at a time. Checking the database before the
+        queue makes a race harmless: an edit finished in between is sent once more and skipped.
+        """
+        if not self.queue.claim_sweep(self.name, int(self.requeue_after_s * 1000)):
+            return []
+        with self.db.session() as session:
+            waiting = repo.waiting_since(session, utcnow() - timedelta(seconds=self.requeue_after_s))
+        if not waiting:
+            return []
+        lost = [edit_id for edit_id in waiting if edit_id not in self.queue.queued_edit_ids()]
+        for edit_id in lost:
+            self.queue.enqueue(edit_id)
+            log.warning("edit %s was waiting with no message in the queue; sent again", edit_id)
+        return lost
 
     def handle(self, delivery: Delivery) -> None:
         done = threading.Event()

@@ -83,6 +83,7 @@ class Service:
                 await asyncio.to_thread(self._requeue_unfinished)
             worker = EditWorker(live, self.db, self.queue, max_deliveries=self.settings.max_deliveries,
                                 claim_idle_ms=self.settings.claim_idle_ms,
+                                requeue_after_s=self.settings.requeue_after_s,
                                 block_ms=500)
             self._threads.append(start_thread(worker))
         self.live = live

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Iterable, Sequence
 
 from sqlalchemy import func, or_, select, update
@@ -118,6 +119,16 @@ def live_records(session: Session) -> list[LiveRecord]:
 def unfinished_ids(session: Session) -> list[str]:
     rows = session.scalars(
         select(Edit.id).where(Edit.status.in_([S.queued.value, S.training.value])).order_by(Edit.created_at)
+    )
+    return list(rows)
+
+
+def waiting_since(session: Session, before: datetime) -> list[str]:
+    """Queued or training edits last changed before ``before``."""
+    rows = session.scalars(
+        select(Edit.id)
+        .where(Edit.status.in_([S.queued.value, S.training.value]), Edit.updated_at < before)
+        .order_by(Edit.created_at)
     )
     return list(rows)
 

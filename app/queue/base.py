@@ -63,5 +63,14 @@ class EditQueue(abc.ABC):
     def pending(self) -> int:
         """Messages delivered but not yet acknowledged."""
 
+    @abc.abstractmethod
+    def queued_edit_ids(self) -> set[str]:
+        """Edit ids that have a message in the queue, delivered or not."""
+
+    def claim_sweep(self, consumer: str, ttl_ms: int) -> bool:
+        """True for one caller per ``ttl_ms`` among all workers sharing the queue: the one that
+        should look for edits the database holds but the queue lost."""
+        return True
+
     def close(self) -> None:
         pass

@@ -114,6 +114,10 @@ class MemoryQueue(EditQueue):
         with self._cond:
             return len(self._pending)
 
+    def queued_edit_ids(self) -> set[str]:
+        with self._cond:
+            return {edit_id for _, edit_id in self._new} | {p.edit_id for p in self._pending.values()}
+
     def backlog(self) -> int:
         with self._cond:
             return len(self._new)

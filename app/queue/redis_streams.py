@@ -46,6 +46,7 @@ class RedisQueue(EditQueue):
         self.client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
         self.stream = f"{prefix}edits"
         self.channel = f"{prefix}events"
+        self.sweep_key = f"{prefix}sweep"
         self.claim_idle_ms = claim_idle_ms
         self._group_ready = False
 
@@ -146,6 +147,25 @@ class RedisQueue(EditQueue):
         try:
             self._ensure_group()
             return int(self.client.xpending(self.stream, GROUP)["pending"])
+        except _DOWN as exc:
+            raise QueueUnavailable(str(exc)) from exc
+
+    def queued_edit_ids(self) -> set[str]:
+        # Acknowledged messages are deleted, so the stream holds exactly the outstanding work.
+        ids, start = set(), "-"
+        try:
+            while True:
+                page = self.client.xrange(self.stream, min=start, max="+", count=1000)
+                ids |= {fields.get("edit_id") for _, fields in page if fields}
+                if len(page) < 1000:
+                    return ids - {None}
+                start = "(" + page[-1][0]
+        except _DOWN as exc:
+            raise QueueUnavailable(str(exc)) from exc
+
+    def claim_sweep(self, consumer: str, ttl_ms: int) -> bool:
+        try:
+            return bool(self.client.set(self.sweep_key, consumer, nx=True, px=ttl_ms))
         except _DOWN as exc:
             raise QueueUnavailable(str(exc)) from exc
 

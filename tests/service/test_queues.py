@@ -91,3 +91,24 @@ def test_touch_keeps_a_message_from_being_reclaimed(make_queue):
         assert other.take("other", 0 if isinstance(other, MemoryQueue) else 1) is None
     busy.ack(taken)
     assert other.pending() == 0
+
+
+def test_queued_edit_ids_cover_new_and_delivered_messages(make_queue):
+    q = make_queue()
+    q.enqueue("e1")
+    q.enqueue("e2")
+    delivered = q.take("a", 100)
+    assert q.queued_edit_ids() == {"e1", "e2"}
+    q.ack(delivered)
+    assert q.queued_edit_ids() == {"e2"}
+
+
+def test_one_sweeper_at_a_time(redis_url, redis_prefix):
+    a, b = RedisQueue(redis_url, prefix=redis_prefix), RedisQueue(redis_url, prefix=redis_prefix)
+    try:
+        assert a.claim_sweep("a", 200) and not b.claim_sweep("b", 200)
+        time.sleep(0.25)
+        assert b.claim_sweep("b", 200)
+    finally:
+        a.close()
+        b.close()

@@ -121,3 +121,22 @@ def test_slow_worker_keeps_its_edit(redis_url, redis_prefix, sqlite_url, tmp_pat
                 edit = wait_status(client, edit_id, {"active"})
         assert edit["attempts"] == 1 and edit["worker"] == "slow"
         assert len(list(Path(settings.data_dir, "experts").glob(f"{edit_id}.*"))) == 1
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_edit_committed_but_never_enqueued_is_sent_again(db, request, redis_url, redis_prefix, tmp_path):
+    """An API process that dies between its commit and XADD leaves a queued edit with no message."""
+    from app.db import edits as repo
+    from workers.runtime import open_database
+
+    settings = make_settings(tmp_path, request.getfixturevalue(f"{db}_url"), redis_url, redis_prefix,
+                             embedded_worker=False, requeue_after_s=0.3)
+    with running(settings) as client:
+        db_ = open_database(settings)
+        with db_.session() as session:
+            orphan, _ = repo.create_edit(session, EDITS[0][0], EDITS[0][1], [], {}, None)
+        db_.close()
+        with start_worker(settings) as worker:
+            edit = wait_status(client, orphan.id, {"active"})
+            assert worker.requeue_lost() == []  # nothing else is waiting
+        assert edit["attempts"] == 1

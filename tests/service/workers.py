@@ -23,7 +23,7 @@ def start_worker(settings: Settings, name: str | None = None, after_save=None, b
     live = build_live(settings, db, tiny_model("llama"))
     worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries,
                         claim_idle_ms=settings.claim_idle_ms, name=name,
-                        block_ms=block_ms, after_save=after_save)
+                        block_ms=block_ms, after_save=after_save, requeue_after_s=settings.requeue_after_s)
     stop = threading.Event()
 
     def run():
