@@ -15,15 +15,11 @@ from app.scen import Editor, ScenConfig
 
 
 class _RoutingProbe:
-    def __init__(self, editor: Editor, session: dict):
-        self.editor, self.session = editor, session
+    def __init__(self, routes_of):
+        self.routes_of = routes_of
 
     def served_by(self, rows: int) -> list[str | None]:
-        routing = self.session.get("routing")
-        if routing is None:  # no live edits: nothing was routed
-            return [None] * rows
-        ids = self.editor.edit_ids
-        return [ids[s] if s >= 0 else None for s in routing.slots.tolist()]
+        return [route.edit_id for route in self.routes_of(rows)]
 
 
 class ScenMethod(EditMethod):
@@ -56,8 +52,8 @@ class ScenMethod(EditMethod):
 
     @contextlib.contextmanager
     def probe(self, at: torch.Tensor | None) -> Iterator[_RoutingProbe]:
-        with self.editor.routed.session(at=at) as session:
-            yield _RoutingProbe(self.editor, session)
+        with self.editor.routing(at=at) as routes_of:
+            yield _RoutingProbe(routes_of)
 
     def config(self) -> dict[str, Any]:
         return dataclasses.asdict(self.editor.config) | {"resolved_layer": self.editor.layer}
@@ -71,5 +67,6 @@ class ScenMethod(EditMethod):
         return self.editor.activations(prompts)
 
     def close(self) -> None:
+        self.editor.detach()
         self.editor = None
         super().close()

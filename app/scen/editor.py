@@ -9,10 +9,11 @@ through one lock, so threads can share an editor safely.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -208,6 +209,25 @@ class Editor:
 
     # ---- inference ------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def routing(self, at: torch.Tensor | None = None) -> Iterator[Callable[[int], list[Route]]]:
+        """Route every forward pass of ``model`` inside the block as ``generate`` does.
+
+        Each sequence is routed once, at position ``at`` (B,) or its last, and keeps that
+        expert through later decode steps. Yields ``routes(n)``: the routes taken by the
+        block's n sequences once a forward pass has run. Holds the editor's lock.
+        """
+        with self._lock, self.routed.session(at=at) as session:
+            yield lambda n: self._routes(session.get("routing"), n)
+
+    def detach(self) -> None:
+        """Give the model its own down projection back: it is the unedited model again and
+        this editor is done."""
+        with self._lock:
+            self.adapter.set_down(self.layers[self.layer], self.routed.base)
+            self._ids, self._edits = [], {}
+            self._version += 1
+
     @torch.no_grad()
     def generate(
         self,
@@ -219,7 +239,7 @@ class Editor:
         results: list[Generation] = []
         for chunk in _chunks(prompts, self.batch_size):
             batch = encode(self.tokenizer, chunk).to(self.device)
-            with self._lock, self.routed.session() as session:
+            with self.routing() as routes_of:
                 if seed is not None:
                     torch.manual_seed(seed)
                 sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -231,7 +251,7 @@ class Editor:
                     eos_token_id=self.tokenizer.eos_token_id,
                     **sampling,
                 )
-                routes = self._routes(session.get("routing"), len(chunk))
+                routes = routes_of(len(chunk))
             texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
             results += [Generation(t, r.edit_id, r.activation) for t, r in zip(texts, routes)]
         return results

@@ -68,6 +68,21 @@ def test_mixed_batch_equals_single_runs():
     assert [g.edit_id for g in batched] == ["e0", None, "e1", None] == [g.edit_id for g in single]
 
 
+def test_routing_block_routes_any_forward_pass_and_detach_restores_the_model():
+    editor = make_editor()
+    prompt, target = EDITS[0]
+    before = logits(editor, prompt)
+    editor.add("e0", editor.train(prompt, target))
+    batch = encode(editor.tokenizer, [prompt, UNRELATED])
+    with editor.routing() as routes_of, torch.no_grad():
+        routed = editor.model(**batch.model_inputs()).logits
+        assert [r.edit_id for r in routes_of(2)] == ["e0", None]
+    assert routed[0, -1].argmax() == editor.tokenizer(target, add_special_tokens=False).input_ids[0]
+    editor.detach()
+    assert torch.equal(logits(editor, prompt), before)
+    assert Editor(editor.model, editor.tokenizer, CFG).edit_ids == []  # the model can be edited afresh
+
+
 def test_rollback_restores_base_outputs_exactly():
     editor = make_editor()
     prompt, target = EDITS[0]
