@@ -74,6 +74,9 @@ def eval_(
         int,
         typer.Option(help="Generation and sweeps past this many edits measure a seeded sample of this size; 0: all."),
     ] = 300,
+    jobs: Annotated[
+        int, typer.Option(min=1, help="Run the methods in this many processes side by side (faster on a CPU).")
+    ] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Sequentially edit a dataset and measure reliability, generality and locality."""
@@ -83,7 +86,7 @@ def eval_(
     run_from_cli(
         dataset=dataset, edits=edits, seed=seed, out=out, model=model, methods=methods,
         overrides=set_ or [], sweeps=sweep or [], resume=resume, method_options=option or [], generation=generation,
-        sample=sample,
+        sample=sample, jobs=jobs,
     )
 
 

@@ -404,6 +404,7 @@ def run_from_cli(
     generation: bool = True,
     command: str | None = None,
     sample: int = EvalPlan.sample,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     import shlex
     import sys
@@ -417,7 +418,12 @@ def run_from_cli(
     )
     scen_config(plan)  # fail on a bad --set before loading anything
     plan.command = command or "scen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results = run(plan)
+    if jobs > 1 and len(plan.methods) > 1:
+        from app.eval.parallel import run_parallel
+
+        results = run_parallel(plan, jobs)
+    else:
+        results = run(plan)
     report.render(results, plan.out)
     report.write_json(results, plan.out)
     report.print_summary(results)

@@ -149,3 +149,25 @@ def test_ft_kl_draws_a_minibatch_of_its_kl_prompts(tmp_path):
     results = run(plan, lm=tiny_model("llama"))
     assert results["method_config"]["ft_kl"] | {"kl_prompts": 6, "kl_batch": 2} == results["method_config"]["ft_kl"]
     assert all(e["kl"] > 0 for e in results["per_edit"]["ft_kl"] if e["steps"])
+
+
+def test_jobs_run_method_groups_in_processes_and_merge(tmp_path):
+    from app.eval.parallel import split
+    from app.eval.runner import run_from_cli
+
+    assert split(["scen", "ft", "ft_kl", "grace"], 2) == [["scen", "ft"], ["ft_kl", "grace"]]
+    assert split(["scen", "ft", "grace"], 2) == [["scen", "ft"], ["grace"]]
+    assert split(["scen"], 4) == [["scen"]]
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "run" / "results.json"
+    results = run_from_cli(
+        dataset=mend_file(tmp_path), edits="1,2", seed=0, out=out, model=str(tmp_path / "tiny"),
+        methods="ft,grace", overrides=["layer=2"], sweeps=[], resume=False, generation=False, jobs=2,
+        method_options=["grace.epsilon=1.0"],
+    )
+    assert set(results["methods"]) == {"ft", "grace"} and results["method_config"]["grace"]["epsilon"] == 1.0
+    assert [set(c["methods"]) for c in results["checkpoints"]] == [{"ft", "grace"}] * 2
+    assert json.loads(out.read_text())["methods"] == results["methods"]
+    assert (out.parent / "report.md").exists() and (out.parent / "parts" / "grace" / "log.txt").exists()
