@@ -15,6 +15,7 @@ CURVES = [
     ("generation_exact_match", "exact match, edit prompt"),
     ("generation_exact_match_rephrase", "exact match, rephrase"),
     ("generation_locality_unchanged", "locality generation unchanged"),
+    ("target_perplexity", "target perplexity (log scale)"),
 ]
 
 
@@ -33,8 +34,15 @@ def scaling(results: dict[str, Any], path: Path) -> Path | None:
         return None
     plt = _plt()
     methods = sorted({m for c in checkpoints for m in c["methods"]})
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
-    for ax, (key, title) in zip(axes.flat, CURVES):
+    # Only the metrics this run measured (no generation panels for --no-generation, ...).
+    curves = [(k, t) for k, t in CURVES if any(c["methods"][m].get(k) is not None for c in checkpoints
+                                                 for m in c["methods"])]
+    rows = (len(curves) + 2) // 3
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 3.5 * rows), squeeze=False)
+    edits = [c["edits"] for c in checkpoints]
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, curves):
         for name in methods:
             pts = [(c["edits"], c["methods"][name].get(key)) for c in checkpoints if name in c["methods"]]
             pts = [(x, y) for x, y in pts if y is not None]
@@ -42,9 +50,13 @@ def scaling(results: dict[str, Any], path: Path) -> Path | None:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xscale("log")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(edits, [str(n) for n in edits])
+        ax.minorticks_off()
+        if key == "target_perplexity":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    for ax in axes[-1]:
         ax.set_xlabel("edits applied (sequential)")
     axes[0, 0].legend()
     fig.suptitle(f"{results['model']}: metrics as edits accumulate (seed {results['seed']})")
@@ -69,7 +81,10 @@ def sweep(results: dict[str, Any], method: str, option: str, path: Path) -> Path
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{method}: {option} sweep after {results['edits']} edits (no retraining)")
+    from app.eval.sweeps import INFERENCE_OPTIONS
+
+    how = "no retraining" if option in INFERENCE_OPTIONS.get(method, ()) else "retrained per value"
+    ax.set_title(f"{method}: {option} sweep after {results['edits']} edits ({how})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -105,6 +120,7 @@ def top_activation(results: dict[str, Any], path: Path, method: str = "scen") ->
     bins = [i / 40 for i in range(41)]
     for group, values in top.items():
         ax.hist(values, bins=bins, alpha=0.5, label=f"{group} (n={len(values)})")
+    ax.set_yscale("log")  # the few prompts near theta matter more than the thousands near 0 or 1
     theta = (results.get("method_config") or {}).get(method, {}).get("theta") or results["config"].get("theta")
     if theta is not None:
         ax.axvline(theta, color="k", linestyle="--", label=f"theta = {theta}")
@@ -120,10 +136,12 @@ def top_activation(results: dict[str, Any], path: Path, method: str = "scen") ->
 
 def write_all(results: dict[str, Any], folder: Path) -> list[str]:
     folder = Path(folder)
-    made = [
-        scaling(results, folder / "scaling.png"),
-        sweep(results, "scen", "theta", folder / "sweep_theta.png"),
-        sweep(results, "grace", "epsilon_scale", folder / "sweep_grace_epsilon.png"),
+    made = [scaling(results, folder / "scaling.png")]
+    for method, options in (results.get("sweeps") or {}).items():
+        for option in options:
+            name = f"sweep_{option}.png" if method == "scen" else f"sweep_{method}_{option}.png"
+            made.append(sweep(results, method, option, folder / name))
+    made += [
         heatmap(results, folder / "activations_heatmap.png"),
         top_activation(results, folder / "top_activation.png"),
     ]

@@ -127,6 +127,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "agreement with the unedited model's own argmax; EM is exact match of greedy generation.",
         "",
     ]
+    if results.get("generation_sample") and results["edits"] > results["generation_sample"]:
+        lines += [f"Teacher-forced metrics cover every edit. Generation metrics (EM, loc gen same) and sweeps "
+                  f"at checkpoints past {results['generation_sample']} edits measure a seeded sample of "
+                  f"{results['generation_sample']} of them, the same for every method.", ""]
     unedited = results.get("unedited") or {}
     if unedited:
         lines += [f"Unedited model: reliability {fmt(unedited.get('reliability'))}, "
@@ -185,6 +189,7 @@ def render(results: dict[str, Any], out: Path) -> Path:
     from app.eval import plots
 
     folder = Path(out).parent
+    folder.mkdir(parents=True, exist_ok=True)
     results["plots"] = [Path(p).name for p in plots.write_all(results, folder)]
     md = folder / "report.md"
     write_markdown(results, md)
