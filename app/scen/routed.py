@@ -48,13 +48,22 @@ class Router(nn.Module):
     @torch.no_grad()
     def fit(self, pool_keys: torch.Tensor, shrinkage: float) -> None:
         """Set the key normalisation from raw keys of ordinary prompts, (N, h)."""
-        X = pool_keys.float()
-        self.center = X.mean(0)
-        X = X - self.center
-        cov = X.T @ X / X.shape[0]  # (h, h); rank <= N, hence the shrinkage to a scaled identity
-        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], device=X.device)
-        eigval, eigvec = torch.linalg.eigh(cov.double())
-        self.whiten = (eigvec @ torch.diag(eigval.clamp_min(1e-12).rsqrt()) @ eigvec.T).float()
+        X = pool_keys.double()
+        self.center = X.mean(0).float()
+        X = X - X.mean(0)
+        N, h = X.shape
+        # The covariance X'X/N has rank <= N (120 pool prompts against h = 1536 on SmolLM2), hence
+        # the shrinkage to a scaled identity: (1 - s) X'X/N + s m I, m its mean variance. Its
+        # eigenvectors are X's right singular vectors V plus any basis of their complement, so
+        # the inverse square root comes from a thin SVD (N x h) instead of an h x h eigh.
+        _, S, Vh = torch.linalg.svd(X, full_matrices=False)  # Vh: (r, h)
+        var = S.square() / N
+        floor = (shrinkage * var.sum() / h).clamp_min(1e-12)
+        inside = ((1 - shrinkage) * var + floor).clamp_min(1e-12).rsqrt()
+        outside = floor.rsqrt()
+        whiten = (Vh.T * (inside - outside)) @ Vh
+        whiten.diagonal().add_(outside)
+        self.whiten = whiten.float()
 
     def normalise(self, keys: torch.Tensor) -> torch.Tensor:
         return F.normalize((keys.float() - self.center) @ self.whiten, dim=-1)
