@@ -12,6 +12,7 @@ from app.db.experts import ExpertStore
 from app.db.live import LiveSync
 from app.db.session import Database
 from app.models import LoadedModel, load_model
+from app.models.loader import default_cache_dir
 from app.queue import EditQueue, make_queue
 from app.scen import Editor, ScenConfig
 from app.settings import Settings
@@ -52,7 +53,7 @@ def build_editor(settings: Settings, loaded: LoadedModel | None = None) -> tuple
         log.info("loading model %s", settings.model or "(bundled default)")
         loaded = load_model(settings.model, device=settings.device)
     config = ScenConfig.from_overrides(settings.engine)
-    return Editor(loaded.model, loaded.tokenizer, config), loaded.name
+    return Editor(loaded.model, loaded.tokenizer, config, cache_dir=default_cache_dir() / "pool-keys"), loaded.name
 
 
 @dataclass

@@ -10,14 +10,17 @@ through one lock, so threads can share an editor safely.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from app.scen import keycache
 from app.scen.adapters import adapter_for
 from app.scen.config import ScenConfig
 from app.scen.errors import InvalidEditError, UnknownEditError
@@ -68,7 +71,9 @@ class Editor:
         tokenizer: PreTrainedTokenizerBase,
         config: ScenConfig | None = None,
         batch_size: int = 16,
+        cache_dir: str | os.PathLike | None = None,
     ):
+        """``cache_dir``: where to keep the pool's keys between runs (see ``keycache``); None: never."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or ScenConfig()
@@ -95,7 +100,7 @@ class Editor:
         h = self.adapter.down_weight(down).shape[1]
         self.routed = RoutedDown(down, Router(h, self.config.theta, self.device))
         self.adapter.set_down(layer_module, self.routed)
-        self._pool_keys = self._prompt_keys(pool_prompts())  # (N, h)
+        self._pool_keys = self._pool_keys_cached(cache_dir)  # (N, h)
         self.routed.router.fit(self._pool_keys, self.config.key_shrinkage)
 
     # ---- state ---------------------------------------------------------------------------
@@ -345,6 +350,17 @@ class Editor:
                 _, keys = self._record(encode(self.tokenizer, chunk).to(self.device))
                 parts.append(keys[:, -1])
         return torch.cat(parts)
+
+    def _pool_keys_cached(self, cache_dir: str | os.PathLike | None) -> torch.Tensor:
+        prompts = pool_prompts()
+        if cache_dir is None or self.device.type != "cpu":
+            return self._prompt_keys(prompts)
+        key = keycache.fingerprint(self.model, [prompt_ids(self.tokenizer, p) for p in prompts], self.layer)
+        keys = keycache.load(Path(cache_dir), key)
+        if keys is None or keys.shape[0] != len(prompts):
+            keys = self._prompt_keys(prompts)
+            keycache.save(Path(cache_dir), key, keys)
+        return keys.to(self.device)
 
     def _negatives(self) -> torch.Tensor:
         """Normalised keys a new neuron must not fire on: ordinary prompts and live edits."""

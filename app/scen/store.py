@@ -34,7 +34,12 @@ def save_edit(edit: TrainedEdit, path: str | os.PathLike) -> str:
         "metrics": json.dumps(edit.metrics),
     }
     data = st_save(tensors, metadata=metadata)
-    path = Path(path)
+    write_atomic(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync the folder: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -51,7 +56,6 @@ def save_edit(edit: TrainedEdit, path: str | os.PathLike) -> str:
         os.fsync(dir_fd)  # the rename itself must survive a crash
     finally:
         os.close(dir_fd)
-    return hashlib.sha256(data).hexdigest()
 
 
 def load_edit(path: str | os.PathLike, sha256: str | None = None) -> TrainedEdit:

@@ -22,3 +22,32 @@ def test_whitening_equals_the_shrunk_inverse_square_root(n, h):
     expected = shrunk_inverse_sqrt(X, 0.1)
     assert torch.allclose(router.whiten.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
     assert torch.allclose(router.center, X.mean(0), atol=1e-5)
+
+
+def test_pool_keys_are_cached_per_model_and_reused(tmp_path):
+    from app.scen import Editor, ScenConfig
+    from tests.utils.tiny_models import tiny_model
+
+    cfg = ScenConfig(layer=2)
+    first = tiny_model("llama")
+    a = Editor(first.model, first.tokenizer, cfg, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    again = tiny_model("llama")
+    b = Editor(again.model, again.tokenizer, cfg, cache_dir=tmp_path)
+    assert torch.equal(a._pool_keys, b._pool_keys) and len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert torch.equal(b._pool_keys, b._prompt_keys(_pool()))  # the cache holds what a forward pass gives
+    other = tiny_model("llama", seed=1)  # other weights: other keys, never the cached ones
+    c = Editor(other.model, other.tokenizer, cfg, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and not torch.equal(c._pool_keys, a._pool_keys)
+    Editor(tiny_model("llama").model, first.tokenizer, cfg.replace(layer=1), cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3  # another layer
+    for f in tmp_path.glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    d = Editor(tiny_model("llama").model, first.tokenizer, cfg, cache_dir=tmp_path)  # unreadable: recomputed
+    assert torch.equal(d._pool_keys, a._pool_keys)
+
+
+def _pool():
+    from app.scen.editor import pool_prompts
+
+    return pool_prompts()
