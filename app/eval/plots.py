@@ -77,6 +77,7 @@ def sweep(results: dict[str, Any], method: str, option: str, path: Path) -> Path
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
             ax.plot(xs, ys, marker="o", label=key)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel(option)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)

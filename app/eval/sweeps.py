@@ -22,7 +22,16 @@ INFERENCE_OPTIONS = {"scen": {"theta"}, "grace": {"epsilon_scale"}}
 DEFAULTS = {"theta": None, "epsilon_scale": 1.0}
 
 
-def parse_sweep(spec: str) -> tuple[str, list[float]]:
+def _number(text: str) -> int | float:
+    # Integer-valued options (layer, rank) keep their type so they reach configs and tables as ints.
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def parse_sweep(spec: str) -> tuple[str, list[int | float]]:
     """``name=start:stop:step`` (stop included) or ``name=v1,v2,...``."""
     name, sep, values = spec.partition("=")
     if not sep or not values:
@@ -30,13 +39,14 @@ def parse_sweep(spec: str) -> tuple[str, list[float]]:
     name = name.strip()
     try:
         if ":" in values:
-            start, stop, step = (float(x) for x in values.split(":"))
+            start, stop, step = (_number(x) for x in values.split(":"))
             if step <= 0:
                 raise ValueError("step must be positive")
             n = int(round((stop - start) / step)) + 1
-            out = [round(start + i * step, 10) for i in range(n)]
+            integral = isinstance(start, int) and isinstance(step, int)
+            out = [start + i * step if integral else round(start + i * step, 10) for i in range(n)]
         else:
-            out = [float(x) for x in values.split(",")]
+            out = [_number(x) for x in values.split(",")]
     except ValueError as exc:
         raise ValueError(f"bad sweep {spec!r}: {exc}") from None
     return name, out
@@ -63,9 +73,8 @@ def run_sweeps(
                 log.warning("sweep %s needs retraining and the unedited model; skipped", name)
                 continue
             for v in values:
-                value = int(v) if float(v).is_integer() else v
                 sub_plan = copy.copy(plan)
-                sub_plan.overrides = list(plan.overrides) + [f"{name}={value}"]
+                sub_plan.overrides = list(plan.overrides) + [f"{name}={v}"]
                 other = build_method("scen", copy.deepcopy(base_model), method.tokenizer, sub_plan)
                 for r in records:
                     other.apply(edit_id(r), r)

@@ -8,7 +8,9 @@ from app.eval.sweeps import parse_sweep
 
 def test_parse_sweep():
     assert parse_sweep("theta=0.5:0.9:0.1") == ("theta", [0.5, 0.6, 0.7, 0.8, 0.9])
-    assert parse_sweep("layer=20,25") == ("layer", [20.0, 25.0])
+    name, layers = parse_sweep("layer=20,25")
+    assert (name, layers) == ("layer", [20, 25]) and all(isinstance(v, int) for v in layers)
+    assert parse_sweep("rank=8:32:8") == ("rank", [8, 16, 24, 32])
     with pytest.raises(ValueError, match="bad sweep"):
         parse_sweep("theta")
     with pytest.raises(ValueError, match="bad sweep"):
@@ -35,6 +37,15 @@ def test_comparison_names_wins_and_losses():
     ft = next(line for line in lines if "vs ft" in line)
     assert "ahead on reliability 1.000 vs 0.500" in ft and "locality 0.990 vs 0.400" in ft
     assert "Behind on nothing" in ft
+
+
+def test_comparison_lower_is_better_is_relative():
+    results = fake_results()
+    results["methods"]["scen"].update(target_perplexity=1.05, seconds_per_edit_p50=2.0)
+    results["methods"]["ft"].update(target_perplexity=1.50, seconds_per_edit_p50=1.99)
+    ft = next(line for line in report.comparison(results) if "vs ft" in line)
+    assert "target_perplexity 1.050 vs 1.500" in ft.split("Behind")[0]
+    assert "seconds_per_edit_p50" not in ft  # 0.5 % slower is within the margin
 
 
 def test_render_writes_markdown_and_plots(tmp_path):
