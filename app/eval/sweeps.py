@@ -13,6 +13,8 @@ import copy
 import logging
 from typing import Any, Sequence
 
+from tqdm.auto import tqdm
+
 from app.eval.datasets import EditRecord
 from app.eval.method import EditMethod
 
@@ -76,7 +78,7 @@ def run_sweeps(
                 sub_plan = copy.copy(plan)
                 sub_plan.overrides = list(plan.overrides) + [f"{name}={v}"]
                 other = build_method("scen", copy.deepcopy(base_model), method.tokenizer, sub_plan)
-                for r in records:
+                for r in tqdm(records, desc=f"{method.name} {name}={v} edits", unit="edit", leave=False):
                     other.apply(edit_id(r), r)
                 rows.append({"value": v, **evaluate(other, measured, reference, plan, generation=False)})
                 other.close()
