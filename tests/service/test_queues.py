@@ -60,9 +60,11 @@ def test_blocking_take_wakes_on_enqueue(make_queue):
     import threading
 
     q, producer = make_queue(), make_queue()
-    threading.Timer(0.05, producer.enqueue, args=("late",)).start()
+    late = threading.Timer(0.05, producer.enqueue, args=("late",))
+    late.start()
     start = time.monotonic()
     got = q.take("a", 2000)
+    late.join()  # the producer may still be reading XADD's reply when the consumer wakes
     assert got.edit_id == "late" and time.monotonic() - start < 1.0
 
 
