@@ -42,7 +42,7 @@ class FFNAdapter:
 
 _GATED = FFNAdapter("gated", "model.layers", "mlp.down_proj")
 ADAPTERS: dict[str, FFNAdapter] = {
-    **{name: _GATED for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3")},
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "phi3"), _GATED),
     "gpt2": FFNAdapter("plain", "transformer.h", "mlp.c_proj", conv1d=True),
     "gpt_neox": FFNAdapter("plain", "gpt_neox.layers", "mlp.dense_4h_to_h"),
     "gptj": FFNAdapter("plain", "transformer.h", "mlp.fc_out"),

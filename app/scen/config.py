@@ -55,11 +55,14 @@ class ScenConfig:
 
     seed: int = 0
 
-    def replace(self, **changes) -> "ScenConfig":
+    def resolved_layer(self, n_layers: int) -> int:
+        return self.layer if self.layer is not None else round(n_layers * 5 / 6)
+
+    def replace(self, **changes) -> ScenConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_overrides(cls, overrides: typing.Iterable[str], base: "ScenConfig | None" = None) -> "ScenConfig":
+    def from_overrides(cls, overrides: typing.Iterable[str], base: ScenConfig | None = None) -> ScenConfig:
         """Build from ``key=value`` strings (CLI ``--set``), converting to each field's type."""
         base = base or cls()
         hints = typing.get_type_hints(cls)

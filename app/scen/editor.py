@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,11 +23,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from app.scen import keycache
 from app.scen.adapters import adapter_for
 from app.scen.config import ScenConfig
-from app.scen.errors import InvalidEditError, UnknownEditError
+from app.scen.errors import UnknownEditError
 from app.scen.experts import new_expert
-from app.scen.prompts import Batch, encode, prompt_ids, target_ids
+from app.scen.layers import record
+from app.scen.prompts import Batch, check_limits, encode, prompt_ids
 from app.scen.routed import RoutedDown, Router
-from app.scen.training import Timer, TrainedEdit, target_positions, train_expert, train_neuron
+from app.scen.training import Timer, TrainedEdit, train_expert, train_neuron
 
 
 @dataclass
@@ -41,22 +42,7 @@ class Generation:
     text: str
     edit_id: str | None
     activation: float
-
-
-@dataclass
-class TeacherForced:
-    predicted: list[int]  # argmax at each target position
-    target: list[int]
-    edit_id: str | None
-    activation: float
-
-    @property
-    def accuracy(self) -> float:
-        return sum(p == t for p, t in zip(self.predicted, self.target)) / len(self.target)
-
-
-class _StopForward(Exception):
-    """Raised from the edited layer once its output is recorded: nothing above is needed."""
+    model_version: int  # the live set that answered
 
 
 def pool_prompts() -> list[str]:
@@ -81,7 +67,7 @@ class Editor:
         self.adapter = adapter_for(model)
         self.layers = self.adapter.layer_list(model)
         L = len(self.layers)
-        self.layer = self.config.layer if self.config.layer is not None else round(L * 5 / 6)
+        self.layer = self.config.resolved_layer(L)
         if not 0 <= self.layer < L:
             raise ValueError(f"layer {self.layer} out of range: the model has {L} layers (0..{L - 1})")
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
@@ -123,23 +109,8 @@ class Editor:
 
     def validate(self, prompt: str, target: str, rephrases: Sequence[str] = ()) -> None:
         """Raise ``InvalidEditError`` when the edit cannot be trained; changes nothing."""
-        with self._lock:  # fast tokenizers refuse concurrent use
-            self._validate(prompt, target, rephrases)
-
-    def _validate(self, prompt: str, target: str, rephrases: Sequence[str]) -> None:
-        cfg = self.config
-        for name, text in [("prompt", prompt), ("target", target)] + [
-            (f"rephrases[{i}]", r) for i, r in enumerate(rephrases)
-        ]:
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidEditError(f"{name} must be a non-empty string")
-        for name, text in [("prompt", prompt)] + [(f"rephrases[{i}]", r) for i, r in enumerate(rephrases)]:
-            n = len(prompt_ids(self.tokenizer, text))
-            if n > cfg.max_prompt_tokens:
-                raise InvalidEditError(f"{name} is {n} tokens after formatting; the limit is {cfg.max_prompt_tokens}")
-        n = len(target_ids(self.tokenizer, target)) - 1
-        if n > cfg.max_target_tokens:
-            raise InvalidEditError(f"target is {n} tokens; the limit is {cfg.max_target_tokens}")
+        with self._lock:  # a fast tokenizer refuses use from two threads at once ("Already borrowed")
+            check_limits(self.tokenizer, self.config, prompt, target, rephrases)
 
     def train(self, prompt: str, target: str, rephrases: Sequence[str] = ()) -> TrainedEdit:
         """Train the expert and indexing neuron of one edit against the live edits.
@@ -243,8 +214,9 @@ class Editor:
     ) -> list[Generation]:
         results: list[Generation] = []
         for chunk in _chunks(prompts, self.batch_size):
-            batch = encode(self.tokenizer, chunk).to(self.device)
             with self.routing() as routes_of:
+                batch = encode(self.tokenizer, chunk).to(self.device)
+                version = self._version
                 if seed is not None:
                     torch.manual_seed(seed)
                 sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -257,62 +229,15 @@ class Editor:
                     **sampling,
                 )
                 routes = routes_of(len(chunk))
-            texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-            results += [Generation(t, r.edit_id, r.activation) for t, r in zip(texts, routes)]
+                texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+            results += [Generation(t, r.edit_id, r.activation, version) for t, r in zip(texts, routes)]
         return results
-
-    @torch.no_grad()
-    def route(self, prompts: Sequence[str]) -> list[Route]:
-        acts = self.activations(prompts)  # (n, E)
-        if acts.shape[1] == 0:
-            return [Route(None, 0.0) for _ in prompts]
-        top, slot = acts.max(-1)
-        theta = self.routed.router.theta
-        return [
-            Route(self._ids[s] if a > theta else None, a)
-            for a, s in zip(top.tolist(), slot.tolist())
-        ]
 
     @torch.no_grad()
     def activations(self, prompts: Sequence[str]) -> torch.Tensor:
         """Every live neuron's activation on each prompt, (n, E), columns in ``edit_ids`` order."""
         with self._lock:
             return self.routed.router.activations(self._prompt_keys(prompts)).cpu()
-
-    @torch.no_grad()
-    def teacher_forced(
-        self, prompts: Sequence[str], targets: Sequence[str], force: Sequence[str | None] | None = None
-    ) -> list[TeacherForced]:
-        """Argmax predictions at every target position given the true prefix.
-
-        Routing is decided at the last prompt token as in generation, or taken from
-        ``force`` (edit id per row, None = base model).
-        """
-        results: list[TeacherForced] = []
-        for start in range(0, len(prompts), self.batch_size):
-            stop = start + self.batch_size
-            batch = encode(self.tokenizer, prompts[start:stop], targets[start:stop]).to(self.device)
-            n = max(len(t) for t in batch.targets)
-            with self._lock:
-                if force is None:
-                    ctx = self.routed.session(at=batch.prompt_last)
-                else:
-                    slots = [self._ids.index(e) if e is not None else -1 for e in force[start:stop]]
-                    ctx = self.routed.forced(torch.tensor(slots, device=self.device))
-                with ctx as session:
-                    keep = target_positions(batch.input_ids.shape[1], n, self.device)
-                    logits = self.model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep).logits
-                    routing = session.get("routing") if isinstance(session, dict) else None
-            pred = logits.argmax(-1).cpu()  # (B, n); row i's target is its last len(t) of them
-            routes = self._routes(routing, len(batch.targets)) if force is None else [
-                Route(e, 1.0 if e else 0.0) for e in force[start:stop]
-            ]
-            for i, t in enumerate(batch.targets):
-                results.append(TeacherForced(pred[i, n - len(t):].tolist(), t, routes[i].edit_id, routes[i].activation))
-        return results
-
-    def token_accuracy(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
-        return [r.accuracy for r in self.teacher_forced(prompts, targets)]
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -326,21 +251,9 @@ class Editor:
 
     def _record(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The edited layer's base output and keys for a batch, without running the layers above."""
-        recorded = {}
-
-        def stop(module, args, output):
-            recorded["out"] = output[0] if isinstance(output, tuple) else output
-            raise _StopForward
-
-        handle = self.layers[self.layer].register_forward_hook(stop)
-        try:
-            with self.routed.capturing() as keys:
-                self.model(**batch.model_inputs(), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return recorded["out"], keys[0]
+        with self.routed.bypassed():
+            out, [(keys, _)] = record(self.model, self.layers[self.layer], [self.routed], batch.model_inputs())
+        return out, keys
 
     def _prompt_keys(self, prompts: Sequence[str]) -> torch.Tensor:
         """Raw keys (n, h) at the last token of each formatted prompt."""

@@ -26,7 +26,7 @@ class Expert(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters()}
 
     @staticmethod
-    def from_tensors(tensors: dict[str, torch.Tensor]) -> "Expert":
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> Expert:
         if set(tensors) == {"delta"}:
             expert: Expert = FullExpert(*tensors["delta"].shape)
         elif set(tensors) == {"a", "b"}:

@@ -9,11 +9,14 @@ positions count real tokens only, so padding never changes a row's outputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from app.scen.config import ScenConfig
+from app.scen.errors import InvalidEditError
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -29,6 +32,23 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
 
 
+def check_limits(
+    tokenizer: PreTrainedTokenizerBase, config: ScenConfig, prompt: str, target: str, rephrases: Sequence[str] = ()
+) -> None:
+    """Raise ``InvalidEditError`` unless the edit's texts are non-empty and within the token limits."""
+    texts = [("prompt", prompt), *((f"rephrases[{i}]", r) for i, r in enumerate(rephrases))]
+    for name, text in [*texts, ("target", target)]:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidEditError(f"{name} must be a non-empty string")
+    for name, text in texts:
+        n = len(prompt_ids(tokenizer, text))
+        if n > config.max_prompt_tokens:
+            raise InvalidEditError(f"{name} is {n} tokens after formatting; the limit is {config.max_prompt_tokens}")
+    n = len(target_ids(tokenizer, target)) - 1
+    if n > config.max_target_tokens:
+        raise InvalidEditError(f"target is {n} tokens; the limit is {config.max_target_tokens}")
+
+
 def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
     return tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
@@ -41,7 +61,7 @@ class Batch:
     prompt_last: torch.Tensor  # (B,) index of each row's last prompt token
     targets: list[list[int]]  # per row; the row's final len(target) tokens
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
             self.prompt_last.to(device), self.targets,

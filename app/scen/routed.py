@@ -86,13 +86,12 @@ class RoutedDown(nn.Module):
         self.router = router
         self.experts = nn.ModuleList()  # slot i <-> router.neurons[i]
         self._session: dict | None = None
-        self._capture: list[torch.Tensor] | None = None
+        self._bypass = False
         self._forced: torch.Tensor | None = None
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:  # (B, T, h) -> (B, T, d)
         out = self.base(k)
-        if self._capture is not None:
-            self._capture.append(k.detach())
+        if self._bypass:
             return out
         routing = self._routing(k)
         if routing is None:
@@ -144,13 +143,13 @@ class RoutedDown(nn.Module):
             self._forced = None
 
     @contextlib.contextmanager
-    def capturing(self):
-        """Record every key this module sees, with routing off (base model)."""
-        self._capture = []
+    def bypassed(self):
+        """Routing off: the base model's output, for recording keys and hidden states."""
+        self._bypass = True
         try:
-            yield self._capture
+            yield
         finally:
-            self._capture = None
+            self._bypass = False
 
     # ---- live set ----------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ the paper's loss ``exp(-a_t) + m * (mean exp(a_i + alpha) + mean exp(a_i - a_t +
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from transformers import PreTrainedModel
 
 from app.scen.config import ScenConfig
 from app.scen.experts import Expert
+from app.scen.layers import replay_above
 from app.scen.prompts import Batch
 
 
@@ -41,54 +41,14 @@ class TrainedEdit:
     metrics: dict = field(default_factory=dict)
 
 
-class _PassThrough(nn.Module):
-    def __init__(self, like: nn.Module):
-        super().__init__()
-        # Some models pick the attention mask by the layer's attention type.
-        if hasattr(like, "attention_type"):
-            self.attention_type = like.attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-class _Replay(_PassThrough):
-    """Stands in for the edited layer: its recorded output plus the expert's delta.
-
-    Rows from ``clean`` on are noisy copies: fresh Gaussian noise, ``noise`` times
-    the RMS of each vector, is added to their output and keys at every step, so the
-    expert also has to work on hidden states near, not only at, the edit prompt's.
-    """
-
-    def __init__(self, like, out, keys, expert, clean: int, noise: float, generator: torch.Generator):
-        super().__init__(like)
-        self.out, self.keys, self.expert = out, keys, expert
-        self.clean, self.noise, self.generator = clean, noise, generator
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out, keys = self.out, self.keys
-        if out.shape[0] > self.clean:
-            out, keys = self._jitter(out), self._jitter(keys)
-        return out + self.expert(keys)  # (B, T, d)
-
-    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
-        noisy = x[self.clean:]
-        eps = torch.randn(noisy.shape, generator=self.generator).to(x)
-        rms = noisy.pow(2).mean(-1, keepdim=True).sqrt()
-        return torch.cat([x[: self.clean], noisy + self.noise * rms * eps])
-
-
-@contextlib.contextmanager
-def replay_above(layers: nn.ModuleList, layer: int, replay: nn.Module):
-    saved = [layers[i] for i in range(layer + 1)]
-    for i in range(layer):
-        layers[i] = _PassThrough(saved[i])
-    layers[layer] = replay
-    try:
-        yield
-    finally:
-        for i, module in enumerate(saved):
-            layers[i] = module
+def _jitter(x: torch.Tensor, clean: int, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """Rows from ``clean`` on get fresh Gaussian noise, ``noise`` times each vector's RMS."""
+    if x.shape[0] <= clean:
+        return x
+    noisy = x[clean:]
+    eps = torch.randn(noisy.shape, generator=generator).to(x)
+    rms = noisy.pow(2).mean(-1, keepdim=True).sqrt()
+    return torch.cat([x[:clean], noisy + noise * rms * eps])
 
 
 def train_expert(
@@ -114,12 +74,16 @@ def train_expert(
     inputs = {k: v.repeat(reps, 1) for k, v in batch.model_inputs().items()}
     target = torch.tensor(batch.targets, device=out.device).repeat(reps, 1)  # (B*reps, n)
     opt = torch.optim.Adam(expert.parameters(), lr=config.expert_lr)
-    replay = _Replay(
-        layers[layer], out.repeat(reps, 1, 1), keys.repeat(reps, 1, 1), expert, B, config.expert_noise, generator
-    )
+    out, keys = out.repeat(reps, 1, 1), keys.repeat(reps, 1, 1)
+
+    def edited_output() -> torch.Tensor:
+        # The noisy copies make the expert work on hidden states near, not only at, the prompt's.
+        noisy = [_jitter(x, B, config.expert_noise, generator) for x in (out, keys)]
+        return noisy[0] + expert(noisy[1])  # (B*reps, T, d)
+
     keep = target_positions(batch.input_ids.shape[1], n, out.device)
     steps, converged = 0, False
-    with replay_above(layers, layer, replay), torch.enable_grad():
+    with replay_above(layers, layer, edited_output), torch.enable_grad():
         while True:
             logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B*reps, n, V)
             logp = F.log_softmax(logits.float(), dim=-1)
