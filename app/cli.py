@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+from pydantic import ValidationError
+
+from app.logs import configure_logging
+from app.settings import Settings, get_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help="SCEN model-editing service.")
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
 cli.add_typer(db_cli, name="db")
 
 
-def _logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+def _settings() -> Settings:
+    """Settings read once, up front, so a bad value stops the process before anything starts."""
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        raise SystemExit(f"invalid SCEN_* settings: {exc}") from None
+    configure_logging(json_lines=settings.log_json)
+    return settings
 
 
 @cli.command()
@@ -26,28 +32,28 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
 ) -> None:
     """Start the HTTP API (with an embedded worker and queue unless SCEN_* settings say otherwise)."""
-    _logging()
+    settings = _settings()
     from app.api.server import serve as run_server
 
-    run_server(host=host, port=port)
+    run_server(settings, host=host, port=port)
 
 
 @cli.command()
 def worker() -> None:
     """Start an edit worker that consumes the Redis queue."""
-    _logging()
+    settings = _settings()
     from workers.main import run as run_worker
 
-    run_worker()
+    run_worker(settings)
 
 
 @db_cli.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply Alembic migrations to SCEN_DATABASE_URL."""
-    _logging()
+    settings = _settings()
     from app.db.migrate import upgrade
 
-    upgrade(revision)
+    upgrade(revision, settings.db_url)
 
 
 @cli.command("eval")
@@ -56,17 +62,17 @@ def eval_(
     edits: Annotated[str, typer.Option(help="Number of sequential edits, or checkpoints such as 10,50,200.")] = "200",
     seed: Annotated[int, typer.Option(help="Seed of the record shuffle and of training.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write results.json.")] = Path("results.json"),
-    model: Annotated[Optional[str], typer.Option(help="HF id or path; default: the bundled SmolLM2.")] = None,
+    model: Annotated[str | None, typer.Option(help="HF id or path; default: the bundled SmolLM2.")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods: scen, ft, ft_kl, grace.")] = "scen",
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Engine setting, e.g. --set layer=25 --set theta=0.65.")
+        list[str] | None, typer.Option("--set", help="Engine setting, e.g. --set layer=25 --set theta=0.65.")
     ] = None,
-    sweep: Annotated[Optional[list[str]], typer.Option(help="e.g. theta=0.5:0.9:0.05")] = None,
+    sweep: Annotated[list[str] | None, typer.Option(help="e.g. theta=0.5:0.9:0.05")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run: methods already finished in --out are kept.")
     ] = False,
     option: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--option", help="Baseline setting, e.g. --option grace.epsilon=5 --option ft_kl.kl_weight=1."),
     ] = None,
     generation: Annotated[bool, typer.Option(help="Also measure free greedy generation (slower).")] = True,
@@ -80,8 +86,8 @@ def eval_(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Sequentially edit a dataset and measure reliability, generality and locality."""
-    _logging(verbose)
-    from app.eval.runner import run_from_cli
+    configure_logging(verbose)
+    from app.eval.command import run_from_cli
 
     run_from_cli(
         dataset=dataset, edits=edits, seed=seed, out=out, model=model, methods=methods,

@@ -1,19 +1,38 @@
-"""Service settings, read from ``SCEN_*`` environment variables (or a ``.env`` file)."""
+"""Service settings, read from ``SCEN_*`` environment variables (or a ``.env`` file).
+
+This is the one place the service reads its configuration; every other module takes
+the values it needs as arguments.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from app.scen import ScenConfig
 
 
 def _default_data_dir() -> Path:
     root = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return Path(root) / "scen"
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(root) / "scen"
+
+
+def _engine_config(overrides: list[str]) -> ScenConfig:
+    # Imported here: the engine pulls in torch, which settings alone must not need.
+    from app.scen import ScenConfig
+
+    return ScenConfig.from_overrides(overrides)
 
 
 class Settings(BaseSettings):
@@ -23,6 +42,8 @@ class Settings(BaseSettings):
 
     # Expert files live under data_dir/experts; the default SQLite file too.
     data_dir: Path = Field(default_factory=_default_data_dir)
+    # The bundled model converted to safetensors, and the routing pool's keys.
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
     # None: a SQLite file in data_dir. PostgreSQL: postgresql+psycopg://user@host/db
     database_url: str | None = None
     # None: an in-process queue and the worker inside the API process (one machine only).
@@ -57,8 +78,19 @@ class Settings(BaseSettings):
 
     log_json: bool = False
 
+    @field_validator("engine")
+    @classmethod
+    def _check_engine(cls, overrides: list[str]) -> list[str]:
+        # A typo here would otherwise surface only once the model has loaded, a minute later.
+        if overrides:
+            try:
+                _engine_config(overrides)
+            except ValueError as exc:
+                raise ValueError(f"SCEN_ENGINE: {exc}") from None
+        return overrides
+
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.environment == "production" and self.database_url is None:
             raise ValueError("SCEN_DATABASE_URL must be set in production (SQLite is for one machine)")
         if self.environment == "production" and self.redis_url is None:
@@ -70,8 +102,8 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'scen.db'}"
 
     @property
-    def experts_dir(self) -> Path:
-        return self.data_dir / "experts"
+    def engine_config(self) -> ScenConfig:
+        return _engine_config(self.engine)
 
     @property
     def run_embedded_worker(self) -> bool:

@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from app.eval.runner import run_from_cli
+from app.eval.command import run_from_cli
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -9,15 +9,16 @@ import argparse
 import json
 from pathlib import Path
 
-from app.eval import report
+from app.eval.report import render
+from app.eval.results import merge, write_json
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, help="where to write the merged results.json (default: the first input)")
     args = ap.parse_args()
-    results = report.merge([json.loads(p.read_text()) for p in args.results])
+    results = merge([json.loads(p.read_text()) for p in args.results])
     out = args.out or args.results[0]
-    md = report.render(results, out)
-    report.write_json(results, out)
+    md = render(results, out)
+    write_json(results, out)
     print(md.read_text())

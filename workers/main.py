@@ -10,30 +10,26 @@ import logging
 import os
 import signal
 import threading
+from types import FrameType
 
-from app.settings import Settings, get_settings
-from workers.runtime import build_live, configure_logging, open_database, open_queue
-from workers.worker import EditWorker
+from app.live import build_served_model, open_database, open_queue
+from app.settings import Settings
+from workers.worker import build_worker
 
 log = logging.getLogger(__name__)
 
 
-def run(settings: Settings | None = None) -> None:
-    settings = settings or get_settings()
-    configure_logging(settings)
+def run(settings: Settings) -> None:
     if settings.redis_url is None:
         raise SystemExit(
             "scen worker needs SCEN_REDIS_URL: without Redis the worker runs inside `scen serve` instead"
         )
     db = open_database(settings)
     queue = open_queue(settings)
-    live = build_live(settings, db)
-    worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries,
-                        claim_idle_ms=settings.claim_idle_ms,
-                        requeue_after_s=settings.requeue_after_s)
+    worker = build_worker(settings, build_served_model(settings, db), db, queue)
     stop = threading.Event()
 
-    def on_signal(signum, _frame):
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
             log.warning("second signal: exiting now; the current edit will be reclaimed")
             os._exit(1)

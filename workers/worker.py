@@ -2,7 +2,8 @@
 
 Each outcome is written in one place (``_succeed``, ``_give_up``, ``_retry_later``).
 The message is acknowledged only after the outcome is committed, so a worker that
-dies at any point leaves it pending for another worker to reclaim.
+dies at any point leaves it pending for another worker to reclaim. Edits the queue
+lost are sent again by ``requeue_lost``, the one place that re-sends work.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
+from typing import Any
 
 from app.db import edits as repo
-from app.db.models import utcnow
+from app.db.models import EditStatus, utcnow
 from app.db.session import Database
-from app.queue import EDIT_CHANGED, Delivery, EditQueue
-from app.scen import ScenError
-from workers.runtime import Live
+from app.live import ServedModel
+from app.queue import Delivery, EditChanged, EditQueue
+from app.scen import ScenError, TrainedEdit
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ def worker_name() -> str:
 class EditWorker:
     def __init__(
         self,
-        live: Live,
+        served: ServedModel,
         db: Database,
         queue: EditQueue,
         max_deliveries: int = 3,
@@ -43,7 +46,7 @@ class EditWorker:
         after_save: Callable[[str], None] | None = None,
         requeue_after_s: float = 60.0,
     ):
-        self.live = live
+        self.served = served
         self.db = db
         self.queue = queue
         self.max_deliveries = max_deliveries
@@ -84,19 +87,22 @@ class EditWorker:
                 stop.wait(backoff)
         log.info("worker %s stopped", self.name)
 
-    def requeue_lost(self) -> list[str]:
-        """Send again every edit that has waited ``requeue_after_s`` with no message in the queue.
+    def requeue_lost(self, min_age_s: float | None = None) -> list[str]:
+        """Send again every edit that has waited ``min_age_s`` (default ``requeue_after_s``)
+        with no message in the queue.
 
         Runs when the worker is idle, in one worker at a time. Checking the database before the
         queue makes a race harmless: an edit finished in between is sent once more and skipped.
         """
         if not self.queue.claim_sweep(self.name, int(self.requeue_after_s * 1000)):
             return []
+        age = self.requeue_after_s if min_age_s is None else min_age_s
         with self.db.session() as session:
-            waiting = repo.waiting_since(session, utcnow() - timedelta(seconds=self.requeue_after_s))
+            waiting = repo.waiting_since(session, utcnow() - timedelta(seconds=age))
         if not waiting:
             return []
-        lost = [edit_id for edit_id in waiting if edit_id not in self.queue.queued_edit_ids()]
+        queued = self.queue.queued_edit_ids()
+        lost = [edit_id for edit_id in waiting if edit_id not in queued]
         for edit_id in lost:
             self.queue.enqueue(edit_id)
             log.warning("edit %s was waiting with no message in the queue; sent again", edit_id)
@@ -133,8 +139,8 @@ class EditWorker:
         log.info("training edit %s (delivery %d)", edit_id, delivery.deliveries)
         try:
             # Every live edit must be a negative of the new neuron.
-            self.live.sync.reconcile()
-            trained = self.live.editor.train(edit.prompt, edit.target, tuple(edit.rephrases))
+            self.served.sync.reconcile()
+            trained = self.served.editor.train(edit.prompt, edit.target, tuple(edit.rephrases))
         except ScenError as exc:
             self._give_up(delivery, f"{type(exc).__name__}: {exc}")
             return
@@ -142,27 +148,27 @@ class EditWorker:
             log.exception("training edit %s failed", edit_id)
             self._retry_later(delivery, f"{type(exc).__name__}: {exc}")
             return
-        path, sha = self.live.store.save(edit_id, trained)
+        path, sha = self.served.experts.save(edit_id, trained)
         if self.after_save is not None:
             self.after_save(edit_id)
         self._succeed(delivery, trained, path, sha)
 
-    def _succeed(self, delivery: Delivery, trained, path: str, sha: str) -> None:
+    def _succeed(self, delivery: Delivery, trained: TrainedEdit, path: str, sha: str) -> None:
         edit_id = delivery.edit_id
         with self.db.session() as session:
             won = repo.activate(session, edit_id, _jsonable(trained.metrics), path, sha)
         if won:
-            self.live.store.discard_others(edit_id, keep=path)
-            self.live.sync.reconcile({edit_id: trained})
+            self.served.experts.discard_others(edit_id, keep=path)
+            self.served.sync.reconcile({edit_id: trained})
             log.info("edit %s active (%d steps, %.2fs)", edit_id, trained.metrics.get("steps", -1),
                      trained.metrics.get("seconds", float("nan")))
         else:
             # Rolled back while training, or another worker finished it first.
-            self.live.store.discard(path)
+            self.served.experts.discard(path)
             log.info("edit %s was finished or cancelled meanwhile; discarded this attempt", edit_id)
         self.queue.ack(delivery)
         if won:
-            self.queue.publish({"type": EDIT_CHANGED, "id": edit_id, "status": "active"})
+            self.queue.publish(EditChanged(edit_id, EditStatus.active).to_dict())
 
     def _give_up(self, delivery: Delivery, reason: str) -> None:
         with self.db.session() as session:
@@ -170,7 +176,7 @@ class EditWorker:
         self.queue.ack(delivery)
         if changed:
             log.warning("edit %s failed: %s", delivery.edit_id, reason)
-            self.queue.publish({"type": EDIT_CHANGED, "id": delivery.edit_id, "status": "failed"})
+            self.queue.publish(EditChanged(delivery.edit_id, EditStatus.failed).to_dict())
 
     def _retry_later(self, delivery: Delivery, error: str) -> None:
         if delivery.deliveries >= self.max_deliveries:
@@ -190,8 +196,8 @@ class EditWorker:
         return f"{reason}; last error: {last}" if last else reason
 
 
-def _jsonable(metrics: dict) -> dict:
-    out = {}
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in metrics.items():
         if isinstance(v, (int, float, str, bool)) or v is None:
             out[k] = v
@@ -200,6 +206,23 @@ def _jsonable(metrics: dict) -> dict:
         else:
             out[k] = float(v)
     return out
+
+
+def build_worker(
+    settings: Settings,
+    served: ServedModel,
+    db: Database,
+    queue: EditQueue,
+    *,
+    name: str | None = None,
+    block_ms: int = 1000,
+    after_save: Callable[[str], None] | None = None,
+) -> EditWorker:
+    """The one place a worker takes its limits from settings."""
+    return EditWorker(
+        served, db, queue, max_deliveries=settings.max_deliveries, claim_idle_ms=settings.claim_idle_ms,
+        requeue_after_s=settings.requeue_after_s, name=name, block_ms=block_ms, after_save=after_save,
+    )
 
 
 def start_thread(worker: EditWorker) -> tuple[threading.Thread, threading.Event]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,10 +19,9 @@ def create_app(settings: Settings | None = None, loaded_model: LoadedModel | Non
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        service = Service(settings, loaded_model)
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await Service.start(settings, loaded_model)
         app.state.service = service
-        await service.start()
         try:
             yield
         finally:

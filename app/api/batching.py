@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from app.scen import Editor, Generation
 
@@ -103,7 +103,12 @@ class GenerateBatcher:
                     if not r.future.done():
                         r.future.set_result((result, version))
 
-    def _generate(self, prompts, max_new_tokens, temperature, seed) -> tuple[list[Generation], int]:
-        version = self.editor.version
-        return self.editor.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    seed=seed), version
+    def _generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
+                  seed: int | None) -> tuple[list[Generation], int]:
+        # The version must be the one that answered: a reconcile between reading it and generating
+        # would report an older model. The editor has no call that returns both, so hold its
+        # (reentrant) lock across the two.
+        with self.editor._lock:
+            results = self.editor.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           seed=seed)
+            return results, self.editor.version

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Iterator
+from collections.abc import Iterator
+from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.api.service import Service
-from app.settings import Settings
-from workers.runtime import Live
+from app.api.services.edits import EditService
+from app.live import ServedModel
 
 
 def get_service(request: Request) -> Service:
-    return request.app.state.service
+    service: Service = request.app.state.service
+    return service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-def get_settings_dep(service: ServiceDep) -> Settings:
-    return service.settings
 
 
 def get_session(service: ServiceDep) -> Iterator[Session]:
@@ -28,10 +26,20 @@ def get_session(service: ServiceDep) -> Iterator[Session]:
         yield session
 
 
-def get_live(service: ServiceDep) -> Live:
-    return service.require_live()
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
-LiveDep = Annotated[Live, Depends(get_live)]
+
+
+def get_served(service: ServiceDep) -> ServedModel:
+    """503 while the model loads. Routes that need the model list it among their dependencies,
+    which FastAPI solves before reading the body: a client hears "not ready" first."""
+    return service.require_served()
+
+
+ServedDep = Annotated[ServedModel, Depends(get_served)]
+
+
+def get_edit_service(service: ServiceDep, session: SessionDep) -> EditService:
+    return EditService(service, session)
+
+
+EditServiceDep = Annotated[EditService, Depends(get_edit_service)]

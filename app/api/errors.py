@@ -6,6 +6,8 @@ Handlers raise typed exceptions; this module alone maps them to status codes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,25 +26,20 @@ class NotReady(Exception):
     """The model is still loading, or a dependency is down."""
 
 
-class BadRequest(ValueError):
-    """A request the schema accepts but the service cannot serve."""
-
-
 # Most specific first: the first isinstance match wins.
-_MAPPING: list[tuple[type[BaseException], int, str]] = [
+_MAPPING: list[tuple[type[Exception], int, str]] = [
     (IdempotencyConflict, 409, "idempotency_conflict"),
     (EditConflict, 409, "conflict"),
     (EditNotFound, 404, "not_found"),
     (UnknownEditError, 404, "not_found"),
     (InvalidEditError, 422, "invalid_edit"),
-    (BadRequest, 422, "invalid_request"),
     (NotReady, 503, "not_ready"),
     (QueueUnavailable, 503, "queue_unavailable"),
     (OperationalError, 503, "database_unavailable"),
 ]
 
 
-def error_response(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, message: str, kind: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "error_type": kind}, status_code=status, headers=headers)
 
 
@@ -62,20 +59,23 @@ async def _typed(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal error", "internal_error")
 
 
-async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
     parts = []
-    for err in exc.errors():
+    for err in cast(RequestValidationError, exc).errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
     return error_response(422, "; ".join(parts) or "invalid request", "validation_error")
 
 
-async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    http = cast(StarletteHTTPException, exc)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(http.status_code, "http_error")
+    return error_response(http.status_code, str(http.detail), kind, http.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    # Starlette types every handler's argument as Exception, hence the casts in the handlers
+    # registered here for one class each.
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     for kind_cls, _, _ in _MAPPING:

@@ -89,7 +89,7 @@ class EditPublic(BaseModel):
     live: bool
 
     @classmethod
-    def of(cls, edit, live_ids: set[str] | frozenset[str] = frozenset()) -> "EditPublic":
+    def of(cls, edit, live_ids: set[str] | frozenset[str] = frozenset()) -> EditPublic:
         return cls(
             id=edit.id, status=EditStatus(edit.status), prompt=edit.prompt, target=edit.target,
             rephrases=list(edit.rephrases or []), metadata=dict(edit.meta or {}),

@@ -10,102 +10,76 @@ import asyncio
 import logging
 import threading
 import time
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any
 
 from app.api.batching import GenerateBatcher
 from app.api.errors import NotReady
-from app.db import edits as repo
+from app.api.metrics import Metrics
 from app.db.session import Database
+from app.live import ServedModel, build_served_model, open_database, open_queue
 from app.models import LoadedModel
-from app.queue import EditQueue, MemoryQueue, QueueUnavailable
+from app.queue import EditChanged, EditQueue, QueueUnavailable, Subscription
+from app.scen import Generation
 from app.settings import Settings
-from workers.runtime import Live, build_live, open_database, open_queue
-from workers.worker import EditWorker, start_thread
+from workers.embedded import start_embedded_worker
 
 log = logging.getLogger(__name__)
 
 
-class Metrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        self.edits_created = Counter("scen_edits_created", "Edits accepted", registry=self.registry)
-        self.generate_requests = Counter("scen_generate_requests", "Generate requests", registry=self.registry)
-        self.batch_size = Histogram("scen_generate_batch_size", "Prompts per model call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.live_edits = Gauge("scen_live_edits", "Edits routed to by this process", registry=self.registry)
-        self.model_version = Gauge("scen_model_version", "Live model version", registry=self.registry)
-        self.batch_sizes: list[int] = []  # recent batch sizes, for tests and benchmarks
-
-    def observe_batch(self, n: int) -> None:
-        self.batch_size.observe(n)
-        self.batch_sizes = (self.batch_sizes + [n])[-1000:]
-
-
 class Service:
-    def __init__(self, settings: Settings, loaded_model: LoadedModel | None = None):
+    def __init__(self, settings: Settings, db: Database, queue: EditQueue):
         self.settings = settings
-        self._loaded_model = loaded_model
+        self.db = db
+        self.queue = queue
         self.metrics = Metrics()
-        self.db: Database | None = None
-        self.queue: EditQueue | None = None
-        self.live: Live | None = None
+        self.served: ServedModel | None = None
         self.batcher: GenerateBatcher | None = None
         self.load_error: str | None = None
         self._stop = threading.Event()
         self._threads: list[tuple[threading.Thread, threading.Event]] = []
-        self._loader: asyncio.Task | None = None
+        self._loader: asyncio.Task[None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self.db = await asyncio.to_thread(open_database, self.settings)
-        self.queue = open_queue(self.settings)
-        if self._loaded_model is not None:
-            await self._go_live()
+    @classmethod
+    async def start(cls, settings: Settings, loaded_model: LoadedModel | None = None) -> Service:
+        """Open the database and queue; serve ``loaded_model`` at once, or load ``settings.model``
+        in the background."""
+        db = await asyncio.to_thread(open_database, settings)
+        service = cls(settings, db, open_queue(settings))
+        if loaded_model is not None:
+            await service._go_live(loaded_model)
         else:
-            self._loader = asyncio.get_running_loop().create_task(self._go_live(), name="model-loader")
+            service._loader = asyncio.get_running_loop().create_task(service._go_live(None), name="model-loader")
+        return service
 
-    async def _go_live(self) -> None:
+    async def _go_live(self, loaded_model: LoadedModel | None) -> None:
         try:
-            live = await asyncio.to_thread(build_live, self.settings, self.db, self._loaded_model)
+            served = await asyncio.to_thread(build_served_model, self.settings, self.db, loaded_model)
         except Exception as exc:
             log.exception("the model could not be loaded")
             self.load_error = f"{type(exc).__name__}: {exc}"
             return
-        self._loaded_model = None
-        self.batcher = GenerateBatcher(live.editor, self.settings.batch_window_ms, self.settings.max_batch,
+        self.batcher = GenerateBatcher(served.editor, self.settings.batch_window_ms, self.settings.max_batch,
                                        on_batch=self.metrics.observe_batch)
         self.batcher.start()
         if self.settings.run_embedded_worker:
-            if isinstance(self.queue, MemoryQueue):
-                # The in-process queue starts empty: whatever was waiting before a restart is re-sent.
-                await asyncio.to_thread(self._requeue_unfinished)
-            worker = EditWorker(live, self.db, self.queue, max_deliveries=self.settings.max_deliveries,
-                                claim_idle_ms=self.settings.claim_idle_ms,
-                                requeue_after_s=self.settings.requeue_after_s,
-                                block_ms=500)
-            self._threads.append(start_thread(worker))
-        self.live = live
-        thread = threading.Thread(target=self._follow, name="live-sync", daemon=True)
-        thread.start()
-        self._threads.append((thread, self._stop))
-        log.info("model %s live with %d edits (version %d)", live.model_name, len(live.editor.edit_ids),
-                 live.editor.version)
+            # Before the model is served, so no edit can be posted while the worker starts.
+            worker = await asyncio.to_thread(start_embedded_worker, self.settings, served, self.db, self.queue)
+            self._threads.append(worker)
+        self.served = served
+        follower = threading.Thread(target=self._follow, args=(served,), name="live-sync", daemon=True)
+        follower.start()
+        self._threads.append((follower, self._stop))
+        log.info("model %s live with %d edits (version %d)", served.model_name, len(served.editor.edit_ids),
+                 served.editor.version)
 
-    def _requeue_unfinished(self) -> None:
-        with self.db.session() as session:
-            ids = repo.unfinished_ids(session)
-        for edit_id in ids:
-            self.queue.enqueue(edit_id)
-        if ids:
-            log.info("re-queued %d unfinished edits", len(ids))
-
-    def _follow(self) -> None:
+    def _follow(self, served: ServedModel) -> None:
         """Apply events from other processes, and reconcile with the database periodically."""
-        subscription = None
+        subscription: Subscription | None = None
         last = time.monotonic()
         while not self._stop.is_set():
+            event: dict[str, Any] | None = None
             try:
                 if subscription is None:
                     subscription = self.queue.subscribe()
@@ -113,11 +87,12 @@ class Service:
             except QueueUnavailable as exc:
                 log.warning("event subscription lost (%s); reconciling from the database only", exc)
                 subscription = None
-                event = None
                 self._stop.wait(1.0)
+            if event is not None:
+                log.debug("reconciling after %s", EditChanged.from_dict(event) or event)
             if event is not None or time.monotonic() - last >= self.settings.reconcile_seconds:
                 try:
-                    self.live.sync.reconcile()
+                    served.sync.reconcile()
                 except Exception:
                     log.exception("reconciliation with the database failed; retrying later")
                 last = time.monotonic()
@@ -137,22 +112,20 @@ class Service:
             await asyncio.to_thread(thread.join, 30)
         if self.batcher is not None:
             await self.batcher.stop()
-        if self.queue is not None:
-            self.queue.close()
-        if self.db is not None:
-            self.db.close()
+        self.queue.close()
+        self.db.close()
 
     # ---- access ---------------------------------------------------------------------------------
 
-    def require_live(self) -> Live:
-        if self.live is None:
+    def require_served(self) -> ServedModel:
+        if self.served is None:
             if self.load_error:
                 raise NotReady(f"the model failed to load: {self.load_error}")
             raise NotReady("the model is still loading")
-        return self.live
+        return self.served
 
-    def check_ready(self) -> Live:
-        live = self.require_live()
+    def check_ready(self) -> ServedModel:
+        served = self.require_served()
         try:
             self.db.ping()
         except Exception as exc:
@@ -161,7 +134,21 @@ class Service:
             self.queue.ping()
         except QueueUnavailable as exc:
             raise NotReady(f"queue unreachable: {exc}") from exc
-        return live
+        return served
 
     def live_ids(self) -> set[str]:
-        return set(self.live.editor.edit_ids) if self.live is not None else set()
+        return set(self.served.editor.edit_ids) if self.served is not None else set()
+
+    def reconcile(self) -> None:
+        """Bring this process's model up to date with the database at once."""
+        if self.served is not None:
+            self.served.sync.reconcile()
+
+    async def generate(self, prompt: str, max_new_tokens: int, temperature: float,
+                       seed: int | None) -> tuple[Generation, int]:
+        """The answer, and the version of the model that gave it."""
+        self.require_served()
+        self.metrics.generate_requests.inc()
+        if self.batcher is None:  # set before the model is served; never None here
+            raise NotReady("the model is still loading")
+        return await self.batcher.submit(prompt, max_new_tokens, temperature, seed)

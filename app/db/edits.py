@@ -7,11 +7,12 @@ workers racing on one edit, or a rollback racing a worker, cannot both win.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Sequence
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
@@ -38,7 +39,7 @@ class IdempotencyConflict(EditConflict):
 class LiveRecord:
     id: str
     expert_path: str
-    expert_sha256: str
+    expert_sha256: str | None
 
 
 def new_id() -> str:
@@ -113,14 +114,9 @@ def live_records(session: Session) -> list[LiveRecord]:
         .where(Edit.status == S.active.value)
         .order_by(Edit.activated_at, Edit.id)
     )
-    return [LiveRecord(*row) for row in rows]
-
-
-def unfinished_ids(session: Session) -> list[str]:
-    rows = session.scalars(
-        select(Edit.id).where(Edit.status.in_([S.queued.value, S.training.value])).order_by(Edit.created_at)
-    )
-    return list(rows)
+    # activate() sets the path in the same update as the status; were it missing, the empty
+    # path would fail to load and be reported like any unreadable file.
+    return [LiveRecord(edit_id, path or "", sha) for edit_id, path, sha in rows]
 
 
 def waiting_since(session: Session, before: datetime) -> list[str]:
@@ -187,12 +183,13 @@ def rollback(session: Session, edit_id: str) -> tuple[Edit, bool]:
 
 
 def _transition(session: Session, edit_id: str, sources: Iterable[EditStatus], **values) -> bool:
-    result = session.execute(
+    # An UPDATE answers with a cursor result, the kind that carries a row count.
+    result = cast(CursorResult[Any], session.execute(
         update(Edit)
         .where(Edit.id == edit_id, Edit.status.in_([s.value for s in sources]))
         .values(**values)
         .execution_options(synchronize_session=False)
-    )
+    ))
     session.commit()
     return result.rowcount == 1
 

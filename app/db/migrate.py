@@ -11,7 +11,15 @@ from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
-SCRIPT_LOCATION = Path(next(iter(importlib.util.find_spec("migrations").submodule_search_locations)))
+
+def _script_location() -> Path:
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the migrations package is missing: install the project (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+SCRIPT_LOCATION = _script_location()
 
 
 def alembic_config(url: str) -> Config:
@@ -22,14 +30,7 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def upgrade(revision: str = "head", url: str | None = None) -> None:
-    if url is None:
-        from app.settings import get_settings
-
-        settings = get_settings()
-        url = settings.db_url
-        if url.startswith("sqlite"):
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+def upgrade(revision: str, url: str) -> None:
     log.info("upgrading database schema to %s", revision)
     command.upgrade(alembic_config(url), revision)
 

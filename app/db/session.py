@@ -1,17 +1,19 @@
-"""Engine and sessions, built from settings (never at import time)."""
+"""Engine and sessions, built from a URL the caller passes (never at import time)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        _make_sqlite_folder(url)
         # The API's threads and the embedded worker share one file; wait for the write lock
         # instead of failing at once.
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -25,6 +27,13 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _make_sqlite_folder(url: str) -> None:
+    # SQLite creates a missing database file but not the folder it goes in.
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 class Database:

@@ -12,8 +12,9 @@ Four layouts are recognised from their keys:
 Targets and answers are stripped of surrounding whitespace: the answer follows the
 assistant header of the chat template, where a leading space is not something
 the model would produce. A target that is present but empty is kept (the record
-is not ``editable``; the runner leaves it out and says so). Missing or empty rephrase / locality fields leave the
-record's list empty; the runner counts those as skipped for that metric.
+is not ``editable``; ``app.eval.selection`` leaves it out and says so). Missing or
+empty rephrase / locality fields leave the record's list empty; the measurements
+count those as skipped for that metric.
 """
 
 from __future__ import annotations

@@ -8,9 +8,12 @@ unedited model, so methods never see each other's changes.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Iterator
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.eval.datasets import EditRecord
 from app.eval.scoring import Probe
@@ -21,7 +24,7 @@ class EditMethod:
     # Whether "served_by" means a routing decision (SCEN neurons, GRACE radius).
     routes: bool = False
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         self.model = model
         self.tokenizer = tokenizer
 
@@ -29,7 +32,7 @@ class EditMethod:
         """Edit the model so it answers ``record.prompt`` with ``record.target``; returns training metrics."""
         raise NotImplementedError
 
-    def probe(self, at: torch.Tensor | None) -> ContextManager[Probe | None]:
+    def probe(self, at: torch.Tensor | None) -> AbstractContextManager[Probe | None]:
         """Context around one scoring forward pass or ``generate`` call; ``at`` = last prompt token per row
         (None: every row's last position, as in a prompt-only batch)."""
         return _nothing()
@@ -46,8 +49,8 @@ class EditMethod:
         return None
 
     def close(self) -> None:
-        """Drop references to the model copy."""
-        self.model = None
+        """Drop references to the model copy; the method is not used afterwards."""
+        del self.model
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def token_accuracy(predicted: Sequence[int], target: Sequence[int]) -> float:

@@ -2,22 +2,29 @@
 
 Training one small model barely uses a second CPU thread, so on a CPU the methods
 finish sooner side by side, each in its own process with cores/jobs threads, than
-one after another with every thread. Each group of methods is an ordinary
-``scen eval`` run writing ``<out folder>/parts/<methods>/results.json`` (its
-progress bar goes to ``log.txt`` beside it); the parts are then merged into one
-``results.json`` and report.
+one after another with every thread. Each group of methods is run by ``run_part`` in
+a spawned process (forking is unsafe once torch has started OpenMP threads or CUDA) that receives
+the plan narrowed to its methods and writes ``<out folder>/parts/<methods>/results.json``,
+its progress bars and log going to ``log.txt`` beside it; the parts are then merged
+into one results dict.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
+import multiprocessing
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-from app.eval import report
+import torch
+
+from app.eval.plan import EvalPlan
+from app.eval.results import Results, merge, read_json
+from app.eval.runner import run
+from app.logs import configure_logging
+
+log = logging.getLogger(__name__)
 
 
 def split(items: list[str], n: int) -> list[list[str]]:
@@ -32,47 +39,53 @@ def split(items: list[str], n: int) -> list[list[str]]:
     return out
 
 
-def eval_args(plan, methods: list[str], out: Path) -> list[str]:
-    """The ``scen eval`` arguments that run ``plan`` for ``methods`` only, writing to ``out``."""
-    args = ["--dataset", str(plan.dataset), "--edits", ",".join(map(str, plan.checkpoints)),
-            "--seed", str(plan.seed), "--methods", ",".join(methods), "--out", str(out),
-            "--sample", str(plan.sample)]
-    if plan.model:
-        args += ["--model", plan.model]
-    for flag, values in (("--set", plan.overrides), ("--sweep", plan.sweeps), ("--option", plan.method_options)):
-        for value in values:
-            args += [flag, value]
-    if not plan.generation:
-        args.append("--no-generation")
-    if plan.resume:
-        args.append("--resume")
-    return args
+def part_plan(plan: EvalPlan, methods: list[str]) -> EvalPlan:
+    """``plan`` for ``methods`` only, writing into its own folder under ``parts`` beside ``plan.out``."""
+    folder = Path(plan.out).parent / "parts" / "_".join(methods)
+    return dataclasses.replace(plan, methods=list(methods), out=folder / "results.json")
 
 
-def run_parallel(plan, jobs: int) -> dict[str, Any]:
-    groups = split(plan.methods, jobs)
-    threads = max(1, (os.cpu_count() or 1) // len(groups))
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def run_part(plan: EvalPlan, threads: int, log_file: Path, verbose: bool = False) -> None:
+    """The body of one spawned process: ``run(plan)`` with ``threads`` threads, all output into ``log_file``."""
+    with open(log_file, "w", encoding="utf-8") as f:
+        # File descriptors, not sys.stdout/sys.stderr: tqdm, logging, warnings and native
+        # libraries all write to them.
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    os.environ |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    torch.set_num_threads(threads)
+    configure_logging(verbose)
+    run(plan)
+
+
+def run_parallel(plan: EvalPlan, jobs: int) -> Results:
+    """``plan``'s methods in at most ``jobs`` processes; their results merged, ``command`` the plan's."""
+    parts = [part_plan(plan, group) for group in split(plan.methods, jobs)]
+    threads = max(1, (os.cpu_count() or 1) // len(parts))
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    spawn = multiprocessing.get_context("spawn")
     running = []
-    for group in groups:
-        folder = Path(plan.out).parent / "parts" / "_".join(group)
-        folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "app.cli", "eval", *eval_args(plan, group, folder / "results.json")]
-        log = open(folder / "log.txt", "w", encoding="utf-8")
-        print(f"{','.join(group)}: {threads} thread(s); progress in {folder / 'log.txt'}", flush=True)
-        running.append((group, folder, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     failed = []
     try:
-        for group, folder, proc, log in running:
-            if proc.wait() != 0:
-                failed.append(f"{','.join(group)} (exit {proc.returncode}; see {folder / 'log.txt'})")
+        for part in parts:
+            log_file = part.out.parent / "log.txt"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            proc = spawn.Process(target=run_part, args=(part, threads, log_file, verbose),
+                                 name=f"eval-{'_'.join(part.methods)}")
+            proc.start()
+            running.append((part, proc, log_file))
+            log.info("%s: %d thread(s); progress in %s", ",".join(part.methods), threads, log_file)
+        for part, proc, log_file in running:
+            proc.join()
+            if proc.exitcode != 0:
+                failed.append(f"{','.join(part.methods)} (exit {proc.exitcode}; see {log_file})")
     finally:
-        for _, _, proc, log in running:
-            if proc.poll() is None:  # interrupted: stop the others too
+        for _, proc, _ in running:
+            if proc.is_alive():  # interrupted: stop the others too
                 proc.terminate()
-            log.close()
+                proc.join()
     if failed:
         raise RuntimeError("evaluation part(s) failed: " + "; ".join(failed))
-    results = report.merge([json.loads((folder / "results.json").read_text()) for _, folder, _, _ in running])
+    results = merge([read_json(part.out) for part in parts])
     results["command"] = plan.command
     return results

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-log = logging.getLogger(__name__)
+from app.eval.sweep_options import retrains
 
 CURVES = [
     ("reliability", "reliability (teacher-forced)"),
@@ -19,7 +19,9 @@ CURVES = [
 ]
 
 
-def _plt():
+def _plt() -> ModuleType:
+    # Agg is chosen only when a plot is drawn, so importing this module never changes the backend
+    # of a program that shows its own figures.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,9 +84,7 @@ def sweep(results: dict[str, Any], method: str, option: str, path: Path) -> Path
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    from app.eval.sweeps import INFERENCE_OPTIONS
-
-    how = "no retraining" if option in INFERENCE_OPTIONS.get(method, ()) else "retrained per value"
+    how = "retrained per value" if retrains(method, option) else "no retraining"
     ax.set_title(f"{method}: {option} sweep after {results['edits']} edits ({how})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,15 +1,12 @@
-"""Writing results: the JSON file, the markdown report and its plots, a console summary."""
+"""The human-readable report of a results dict: tables, the comparison with the baselines, report.md and its plots."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-log = logging.getLogger(__name__)
+from app.eval import plots
 
 TABLE_METRICS = [
     ("reliability", "rel"),
@@ -25,56 +22,6 @@ TABLE_METRICS = [
 ]
 
 
-def write_json(results: dict[str, Any], path: Path) -> None:
-    """Atomic write: an interrupted run never leaves a truncated results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
-
-
-def load_partial(plan) -> dict[str, Any]:
-    path = Path(plan.out)
-    if not path.exists():
-        return {}
-    results = json.loads(path.read_text(encoding="utf-8"))
-    same = (
-        results.get("dataset") == str(plan.dataset)
-        and results.get("seed") == plan.seed
-        and results.get("checkpoint_edits") == plan.checkpoints
-        and results.get("generation_sample", plan.sample) == plan.sample
-    )
-    if not same:
-        raise ValueError(
-            f"{path} was written by a different run (dataset {results.get('dataset')}, seed {results.get('seed')}, "
-            f"edits {results.get('checkpoint_edits')}); remove it or drop --resume"
-        )
-    return results
-
-
-def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One results dict from runs of different methods on the same data, seed and checkpoints
-    (e.g. methods run in parallel processes). Later parts win where a method appears twice."""
-    if not parts:
-        raise ValueError("nothing to merge")
-    key = ("model", "dataset", "seed", "checkpoint_edits", "records_passed_over", "generation_sample")
-    first = parts[0]
-    for other in parts[1:]:
-        differ = [k for k in key if other.get(k) != first.get(k)]
-        if differ:
-            raise ValueError(f"cannot merge runs that differ in {', '.join(differ)}")
-    out = json.loads(json.dumps(first))
-    for other in parts[1:]:
-        for section in ("methods", "method_config", "per_edit", "sweeps", "routing"):
-            out.setdefault(section, {}).update(other.get(section) or {})
-        for mine, theirs in zip(out["checkpoints"], other["checkpoints"]):
-            mine["methods"].update(theirs["methods"])
-        out["command"] = "; ".join(c for c in (out.get("command"), other.get("command")) if c)
-    return out
-
-
 def fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -83,7 +30,9 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def metrics_table(methods: dict[str, dict[str, Any]], columns=TABLE_METRICS) -> list[list[str]]:
+def metrics_table(
+    methods: dict[str, dict[str, Any]], columns: Sequence[tuple[str, str]] = TABLE_METRICS
+) -> list[list[str]]:
     rows = [["method"] + [label for _, label in columns]]
     for name, m in methods.items():
         rows.append([name] + [fmt(m.get(key)) for key, _ in columns])
@@ -94,26 +43,6 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(lines)
-
-
-def routing_snapshot(method, records, limit: int = 40) -> dict[str, Any]:
-    """Top routing score of every edit prompt, rephrase and locality prompt, plus a small
-    prompts-by-edits block of scores for the heatmap."""
-    prompts = {
-        "edit": [r.prompt for r in records],
-        "rephrase": [p for r in records for p in r.rephrases[:1]],
-        "locality": [p for r in records for p, _ in r.locality[:1]],
-    }
-    out: dict[str, Any] = {"top": {}, "heatmap": {}}
-    for group, texts in prompts.items():
-        if not texts:
-            continue
-        scores = method.routing_scores(texts)
-        if scores is None or scores.shape[1] == 0:
-            return {}
-        out["top"][group] = scores.max(-1).values.tolist()
-        out["heatmap"][group] = scores[:limit, :limit].tolist()
-    return out
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -190,24 +119,9 @@ def comparison(results: dict[str, Any], margin: float = 0.02) -> list[str]:
 
 def render(results: dict[str, Any], out: Path) -> Path:
     """Plots and report.md beside ``out`` (the results JSON); returns the markdown path."""
-    from app.eval import plots
-
     folder = Path(out).parent
     folder.mkdir(parents=True, exist_ok=True)
     results["plots"] = [Path(p).name for p in plots.write_all(results, folder)]
     md = folder / "report.md"
     write_markdown(results, md)
     return md
-
-
-def print_summary(results: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    rows = metrics_table(results["methods"])
-    table = Table(title=f"{results['edits']} edits, seed {results['seed']}")
-    for col in rows[0]:
-        table.add_column(col)
-    for row in rows[1:]:
-        table.add_row(*row)
-    Console().print(table)

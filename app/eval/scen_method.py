@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.eval.datasets import EditRecord
 from app.eval.method import EditMethod
-from app.scen import Editor, ScenConfig
+from app.scen import Editor, Route, ScenConfig
 
 
 class _RoutingProbe:
-    def __init__(self, routes_of):
+    def __init__(self, routes_of: Callable[[int], list[Route]]):
         self.routes_of = routes_of
 
     def served_by(self, rows: int) -> list[str | None]:
@@ -26,7 +28,8 @@ class ScenMethod(EditMethod):
     name = "scen"
     routes = True
 
-    def __init__(self, model, tokenizer, config: ScenConfig, use_rephrases: bool = False):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ScenConfig,
+                 use_rephrases: bool = False):
         super().__init__(model, tokenizer)
         self.editor = Editor(model, tokenizer, config)
         self.use_rephrases = use_rephrases
@@ -68,5 +71,5 @@ class ScenMethod(EditMethod):
 
     def close(self) -> None:
         self.editor.detach()
-        self.editor = None
+        del self.editor
         super().close()

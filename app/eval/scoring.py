@@ -10,11 +10,14 @@ generation limits - is the same code for all methods, so their numbers compare.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.scen.prompts import encode, target_ids
 
@@ -24,7 +27,7 @@ class Probe(Protocol):
         """Per row of the batch just run: the edit that served it, None for the base model."""
 
 
-ProbeFactory = Callable[[torch.Tensor | None], ContextManager[Probe | None]]
+ProbeFactory = Callable[[torch.Tensor | None], AbstractContextManager[Probe | None]]
 
 
 @dataclass
@@ -53,8 +56,8 @@ def _order(lengths: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def teacher_forced(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     targets: Sequence[str],
     probe: ProbeFactory = no_probe,
@@ -65,7 +68,7 @@ def teacher_forced(
     device = next(model.parameters()).device
     lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
     order = _order(lengths)
-    results: list[Scored | None] = [None] * len(prompts)
+    results: dict[int, Scored] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = encode(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
@@ -83,13 +86,13 @@ def teacher_forced(
             results[i] = Scored(pred[row, tail].tolist(), list(t), lp.cpu().tolist(), served[row])
         if progress:
             progress(len(idx))
-    return results  # type: ignore[return-value]
+    return [results[i] for i in range(len(prompts))]
 
 
 @torch.no_grad()
 def greedy(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     limits: Sequence[int],
     probe: ProbeFactory = no_probe,
@@ -102,10 +105,12 @@ def greedy(
     of which prompts share its batch, so an edited model is compared with the
     unedited one on exactly the same budget.
     """
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(f"{type(model).__name__} cannot generate text")
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: (limits[i], len(prompts[i])))
-    results: list[Generated | None] = [None] * len(prompts)
+    results: dict[int, Generated] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = encode(tokenizer, [prompts[i] for i in idx]).to(device)
@@ -124,12 +129,14 @@ def greedy(
             ids = new[row][: limits[i]]
             if eos in ids:
                 ids = ids[: ids.index(eos)]
-            results[i] = Generated(tokenizer.decode(ids, skip_special_tokens=True), served[row])
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence of ids decodes to one string
+            results[i] = Generated(text, served[row])
         if progress:
             progress(len(idx))
-    return results  # type: ignore[return-value]
+    return [results[i] for i in range(len(prompts))]
 
 
-def generation_limit(tokenizer, answer: str, slack: int = 4, cap: int = 64) -> int:
+def generation_limit(tokenizer: PreTrainedTokenizerBase, answer: str, slack: int = 4, cap: int = 64) -> int:
     """New-token budget for a prompt whose expected answer is ``answer``: enough for it and eos."""
     return min(len(target_ids(tokenizer, answer)) + slack, cap)

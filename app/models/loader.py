@@ -34,10 +34,9 @@ class LoadedModel:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("SCEN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "scen"
-    )
-    return Path(root)
+    """The platform's cache folder for callers without service settings (the service passes its own)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(root) / "scen"
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -58,15 +57,14 @@ def load_model(
     ``name`` is a Hugging Face id, a local folder, or None / ``DEFAULT_MODEL`` for
     the bundled SmolLM2. Nothing is downloaded when the id is already cached
     locally; with no network an unknown id fails with the hub's own error.
+    ``cache_dir`` holds the bundled model's one-time conversion; None: ``default_cache_dir()``.
     """
     name = name or DEFAULT_MODEL
-    if name == DEFAULT_MODEL:
-        path = _bundled_model_dir(cache_dir or default_cache_dir())
-    else:
-        path = name
+    path: str | Path = _bundled_model_dir(cache_dir or default_cache_dir()) if name == DEFAULT_MODEL else name
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.to(resolve_device(device)).eval()
+    # transformers declares `to` through functools.wraps(Module.to), which mypy reads as unbound.
+    model.to(resolve_device(device)).eval()  # type: ignore[arg-type]
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,7 +93,7 @@ def _bundled_model_dir(cache_dir: Path) -> Path:
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     from transformers import GgufConfig
 
-    kwargs = dict(gguf_file=gguf.name)
+    kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kwargs

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from app.queue.base import Delivery, EditQueue, QueueUnavailable, Subscription
+from app.queue.events import EditChanged
 from app.queue.memory import MemoryQueue
 from app.queue.redis_streams import RedisQueue
-
-EDIT_CHANGED = "edit_changed"
 
 
 def make_queue(redis_url: str | None, prefix: str = "scen:", claim_idle_ms: int = 60_000) -> EditQueue:
@@ -16,6 +15,6 @@ def make_queue(redis_url: str | None, prefix: str = "scen:", claim_idle_ms: int 
 
 
 __all__ = [
-    "EDIT_CHANGED", "Delivery", "EditQueue", "MemoryQueue", "QueueUnavailable", "RedisQueue", "Subscription",
+    "Delivery", "EditChanged", "EditQueue", "MemoryQueue", "QueueUnavailable", "RedisQueue", "Subscription",
     "make_queue",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 
 class QueueUnavailable(Exception):
@@ -24,14 +25,20 @@ class Delivery:
 
 class Subscription(abc.ABC):
     @abc.abstractmethod
-    def get(self, timeout: float) -> dict | None:
-        """The next event, or None after ``timeout`` seconds."""
+    def get(self, timeout: float) -> dict[str, Any] | None:
+        """The next event's wire form (see ``app.queue.events``), or None after ``timeout`` seconds."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
 
 
 class EditQueue(abc.ABC):
+    # Shown by /ready.
+    kind: ClassVar[str]
+    # Whether messages outlive the process that holds the queue object. A queue that does
+    # not starts empty after a restart, so the edits waiting in the database must be re-sent.
+    durable: ClassVar[bool]
+
     @abc.abstractmethod
     def enqueue(self, edit_id: str) -> str:
         """Add work; returns the message id. Raises QueueUnavailable."""
@@ -49,8 +56,11 @@ class EditQueue(abc.ABC):
         """Done with a message; call only after the outcome is committed to the database."""
 
     @abc.abstractmethod
-    def publish(self, event: dict) -> None:
-        """Tell every API process that the set of live edits changed. Best effort."""
+    def publish(self, event: dict[str, Any]) -> None:
+        """Tell every API process that the set of live edits changed. Best effort.
+
+        ``event`` is an event's wire form, e.g. ``EditChanged(...).to_dict()``.
+        """
 
     @abc.abstractmethod
     def subscribe(self) -> Subscription: ...
@@ -72,5 +82,5 @@ class EditQueue(abc.ABC):
         should look for edits the database holds but the queue lost."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: only queues holding connections override it)
         pass

@@ -12,6 +12,7 @@ import itertools
 import queue as stdlib_queue
 import threading
 import time
+from typing import Any
 
 from app.queue.base import Delivery, EditQueue, Subscription
 
@@ -27,11 +28,11 @@ class _Pending:
 
 
 class _MemorySubscription(Subscription):
-    def __init__(self, owner: "MemoryQueue"):
+    def __init__(self, owner: MemoryQueue):
         self._owner = owner
-        self._events: stdlib_queue.Queue[dict] = stdlib_queue.Queue()
+        self._events: stdlib_queue.Queue[dict[str, Any]] = stdlib_queue.Queue()
 
-    def get(self, timeout: float) -> dict | None:
+    def get(self, timeout: float) -> dict[str, Any] | None:
         try:
             return self._events.get(timeout=timeout)
         except stdlib_queue.Empty:
@@ -42,6 +43,9 @@ class _MemorySubscription(Subscription):
 
 
 class MemoryQueue(EditQueue):
+    kind = "memory"
+    durable = False
+
     def __init__(self, claim_idle_ms: int = 60_000):
         self.claim_idle_s = claim_idle_ms / 1000
         self._cond = threading.Condition()
@@ -90,7 +94,7 @@ class MemoryQueue(EditQueue):
         with self._cond:
             self._pending.pop(delivery.message_id, None)
 
-    def publish(self, event: dict) -> None:
+    def publish(self, event: dict[str, Any]) -> None:
         with self._cond:
             subscribers = list(self._subscribers)
         for sub in subscribers:
@@ -117,7 +121,3 @@ class MemoryQueue(EditQueue):
     def queued_edit_ids(self) -> set[str]:
         with self._cond:
             return {edit_id for _, edit_id in self._new} | {p.edit_id for p in self._pending.values()}
-
-    def backlog(self) -> int:
-        with self._cond:
-            return len(self._new)

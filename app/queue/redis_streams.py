@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any, cast
 
 import redis
 from redis import exceptions as rx
@@ -15,13 +16,17 @@ log = logging.getLogger(__name__)
 GROUP = "workers"
 _DOWN = (rx.ConnectionError, rx.TimeoutError)
 
+# Stream entries as this client returns them: it decodes replies (decode_responses=True),
+# which redis-py's annotations (bytes | str) cannot express; hence the casts below.
+_Entry = tuple[str, dict[str, str]]
+
 
 class _RedisSubscription(Subscription):
     def __init__(self, client: redis.Redis, channel: str):
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(channel)
 
-    def get(self, timeout: float) -> dict | None:
+    def get(self, timeout: float) -> dict[str, Any] | None:
         try:
             message = self._pubsub.get_message(timeout=timeout)
         except _DOWN as exc:
@@ -29,10 +34,13 @@ class _RedisSubscription(Subscription):
         if message is None or message.get("type") != "message":
             return None
         try:
-            return json.loads(message["data"])
+            event = json.loads(message["data"])
         except (TypeError, ValueError):
+            event = None
+        if not isinstance(event, dict):
             log.warning("ignoring malformed event %r", message["data"])
             return None
+        return event
 
     def close(self) -> None:
         try:
@@ -42,6 +50,9 @@ class _RedisSubscription(Subscription):
 
 
 class RedisQueue(EditQueue):
+    kind = "redis"
+    durable = True
+
     def __init__(self, url: str, prefix: str = "scen:", claim_idle_ms: int = 60_000):
         self.client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
         self.stream = f"{prefix}edits"
@@ -64,7 +75,7 @@ class RedisQueue(EditQueue):
     def enqueue(self, edit_id: str) -> str:
         try:
             self._ensure_group()
-            return self.client.xadd(self.stream, {"edit_id": edit_id})
+            return cast(str, self.client.xadd(self.stream, {"edit_id": edit_id}))
         except _DOWN as exc:
             raise QueueUnavailable(str(exc)) from exc
 
@@ -101,7 +112,10 @@ class RedisQueue(EditQueue):
         return int(entries[0]["times_delivered"]) if entries else 1
 
     def _read_new(self, consumer: str, block_ms: int) -> Delivery | None:
-        response = self.client.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=1, block=block_ms or None)
+        response = cast(
+            list[tuple[str, list[_Entry]]] | None,
+            self.client.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=1, block=block_ms or None),
+        )
         for _stream, messages in response or []:
             for message_id, fields in messages:
                 return Delivery(message_id, fields.get("edit_id", ""), 1)
@@ -124,7 +138,7 @@ class RedisQueue(EditQueue):
         except _DOWN as exc:
             raise QueueUnavailable(str(exc)) from exc
 
-    def publish(self, event: dict) -> None:
+    def publish(self, event: dict[str, Any]) -> None:
         try:
             self.client.publish(self.channel, json.dumps(event))
         except _DOWN as exc:
@@ -152,13 +166,14 @@ class RedisQueue(EditQueue):
 
     def queued_edit_ids(self) -> set[str]:
         # Acknowledged messages are deleted, so the stream holds exactly the outstanding work.
-        ids, start = set(), "-"
+        ids: set[str] = set()
+        start = "-"
         try:
             while True:
-                page = self.client.xrange(self.stream, min=start, max="+", count=1000)
-                ids |= {fields.get("edit_id") for _, fields in page if fields}
+                page = cast(list[_Entry], self.client.xrange(self.stream, min=start, max="+", count=1000))
+                ids |= {fields["edit_id"] for _, fields in page if fields and "edit_id" in fields}
                 if len(page) < 1000:
-                    return ids - {None}
+                    return ids
                 start = "(" + page[-1][0]
         except _DOWN as exc:
             raise QueueUnavailable(str(exc)) from exc

@@ -13,8 +13,27 @@ class ScenConfig:
     # Layer whose down projection is edited and whose key routes. None: about 5/6
     # of the depth (layer 25 of 30 on SmolLM2), the best of a sweep there.
     layer: int | None = None
-    # A sequence uses an expert when the top neuron activation exceeds theta.
+    # A sequence uses an expert when its neuron's activation exceeds theta.
     theta: float = 0.65
+
+    # Routing. True: an activation is min(subject factor, relation factor) (see routed.Router);
+    # False: the relation factor alone, trained against every earlier edit (the paper's neuron).
+    subject_factor: bool = True
+    # Layer whose keys carry the subject. None: a third of the depth (layer 10 of 30 on SmolLM2),
+    # where the subject's last token separates one entity from another best.
+    subject_layer: int | None = None
+    # Earlier edits whose subject key is at least this similar (cosine of normalised keys)
+    # count as the same subject: negatives of the relation factor instead of the subject factor.
+    same_subject_cos: float = 0.7
+    # Made-up neighbours per edit (see negatives.py): the prompt with other subjects, and
+    # other questions about the edit's subject. Those closer to the edit's own key than
+    # ``synthetic_max_cos`` are dropped: they may ask the edited question itself.
+    synthetic_subjects: int = 8
+    synthetic_relations: int = 8
+    synthetic_max_cos: float = 0.8
+    # Initial bias of the relation factor (with neuron_init_scale): the subject factor tells
+    # subjects apart, so the relation factor may start wider than the paper's single neuron.
+    relation_init_bias: float = -8.0
 
     # Stage 1, the expert. "full" trains a dense copy of W_down (the paper);
     # "lowrank" trains a rank-r delta, ~1/70 of the storage at r=8.
@@ -51,12 +70,15 @@ class ScenConfig:
 
     # Request limits, in tokens.
     max_prompt_tokens: int = 512
-    max_target_tokens: int = 64
+    max_target_tokens: int = 512
 
     seed: int = 0
 
     def resolved_layer(self, n_layers: int) -> int:
         return self.layer if self.layer is not None else round(n_layers * 5 / 6)
+
+    def resolved_subject_layer(self, n_layers: int) -> int:
+        return self.subject_layer if self.subject_layer is not None else round(n_layers / 3)
 
     def replace(self, **changes) -> ScenConfig:
         return dataclasses.replace(self, **changes)
@@ -86,6 +108,10 @@ def _parse(raw: str, hint, key: str):
             raise ValueError(f"bad value for {key}: {raw!r}, expected one of {list(args)}")
         return raw
     kinds = [a for a in args if a is not type(None)] or [hint]
+    if kinds[0] is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"bad value for {key}: {raw!r}, expected true or false")
+        return raw.lower() in ("true", "1")
     try:
         return kinds[0](raw)
     except ValueError as exc:

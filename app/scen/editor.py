@@ -3,32 +3,41 @@
 It wraps a loaded causal LM, swaps the edited layer's down projection for a
 ``RoutedDown`` and offers small verbs: ``train`` an edit (no change to the live
 model), ``add`` / ``remove`` it, ``sync`` to a wanted set, and ``generate`` /
-``route`` / ``teacher_forced`` for serving and evaluation. All model access goes
-through one lock, so threads can share an editor safely.
+``routing`` / ``activations`` for serving and evaluation. All model access,
+tokenization included, goes through one lock, so threads can share an editor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from app.scen import keycache
+from app.scen import keycache, negatives
 from app.scen.adapters import adapter_for
 from app.scen.config import ScenConfig
 from app.scen.errors import UnknownEditError
 from app.scen.experts import new_expert
+from app.scen.indexing import (
+    EditRecording,
+    Neighbours,
+    PoolKeys,
+    paper_neuron,
+    routing_keys,
+    subject_positives,
+    two_factor_neuron,
+)
 from app.scen.layers import record
-from app.scen.prompts import Batch, check_limits, encode, prompt_ids
-from app.scen.routed import RoutedDown, Router
-from app.scen.training import Timer, TrainedEdit, train_expert, train_neuron
+from app.scen.prompts import Batch, check_limits, encode, prompt_ids, prompt_tokens, subject_positions
+from app.scen.routed import RoutedDown, Router, Routing, RoutingKeys
+from app.scen.training import Timer, TrainedEdit, train_expert
 
 
 @dataclass
@@ -45,9 +54,11 @@ class Generation:
     model_version: int  # the live set that answered
 
 
-def pool_prompts() -> list[str]:
-    text = resources.files("app.scen").joinpath("pool.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+@dataclass
+class _Recorded:
+    out: torch.Tensor  # (B, T, d) the edited layer's base output
+    keys: torch.Tensor  # (B, T, h) its keys
+    subject: torch.Tensor  # (B, T, h_s) the subject layer's keys
 
 
 class Editor:
@@ -68,8 +79,11 @@ class Editor:
         self.layers = self.adapter.layer_list(model)
         L = len(self.layers)
         self.layer = self.config.resolved_layer(L)
+        self.subject_layer = self.config.resolved_subject_layer(L)
         if not 0 <= self.layer < L:
             raise ValueError(f"layer {self.layer} out of range: the model has {L} layers (0..{L - 1})")
+        if not 0 <= self.subject_layer <= self.layer:
+            raise ValueError(f"subject layer {self.subject_layer} out of range: 0..{self.layer} (the edited layer)")
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs an eos token and a pad token")
         self.device = next(model.parameters()).device
@@ -78,16 +92,21 @@ class Editor:
         self._edits: dict[str, TrainedEdit] = {}
         self._version = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._rng = random.Random(self.config.seed)
 
         layer_module = self.layers[self.layer]
         down = self.adapter.get_down(layer_module)
         if isinstance(down, RoutedDown):
             raise ValueError("this model already has an editor attached")
+        subject_down = self.adapter.get_down(self.layers[self.subject_layer])
         h = self.adapter.down_weight(down).shape[1]
-        self.routed = RoutedDown(down, Router(h, self.config.theta, self.device))
+        h_s = self.adapter.down_weight(subject_down).shape[1]
+        self.routed = RoutedDown(down, Router(h_s, h, self.config.theta, self.device), subject_down)
+        self._subject_down = subject_down
         self.adapter.set_down(layer_module, self.routed)
-        self._pool_keys = self._pool_keys_cached(cache_dir)  # (N, h)
-        self.routed.router.fit(self._pool_keys, self.config.key_shrinkage)
+        self._pool = self._pool_keys_cached(cache_dir)
+        self.routed.router.subject_norm.fit(self._pool.subject, self.config.key_shrinkage)
+        self.routed.router.relation_norm.fit(self._pool.relation, self.config.key_shrinkage)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -107,44 +126,42 @@ class Editor:
 
     # ---- editing --------------------------------------------------------------------------
 
-    def validate(self, prompt: str, target: str, rephrases: Sequence[str] = ()) -> None:
+    def validate(
+        self, prompt: str, target: str, rephrases: Sequence[str] = (), subject: str | None = None
+    ) -> None:
         """Raise ``InvalidEditError`` when the edit cannot be trained; changes nothing."""
         with self._lock:  # a fast tokenizer refuses use from two threads at once ("Already borrowed")
-            check_limits(self.tokenizer, self.config, prompt, target, rephrases)
+            check_limits(self.tokenizer, self.config, prompt, target, rephrases, subject)
 
-    def train(self, prompt: str, target: str, rephrases: Sequence[str] = ()) -> TrainedEdit:
+    def train(
+        self, prompt: str, target: str, rephrases: Sequence[str] = (), subject: str | None = None
+    ) -> TrainedEdit:
         """Train the expert and indexing neuron of one edit against the live edits.
 
-        The live model is not changed; ``add`` the result to serve it.
+        ``subject``: the entity the fact is about, as written in the prompt; inferred when
+        not given. The live model is not changed; ``add`` the result to serve it.
         """
-        self.validate(prompt, target, rephrases)
+        self.validate(prompt, target, rephrases, subject)
         rephrases = tuple(rephrases)
         texts = [prompt, *rephrases]
         with self._lock, torch.no_grad():
             timer = Timer()
             batch = encode(self.tokenizer, texts, [target] * len(texts)).to(self.device)
-            out, keys = self._record(batch)  # (B, T, d), (B, T, h)
-            d, h = out.shape[-1], keys.shape[-1]
+            rec = self._record(batch)
+            d, h = rec.out.shape[-1], rec.keys.shape[-1]
             expert = new_expert(self.config.expert, d, h, self.config.rank, self._generator).to(self.device)
             metrics = train_expert(
-                self.model, self.layers, self.layer, batch, out, keys, expert, self.config, self._generator
+                self.model, self.layers, self.layer, batch, rec.out, rec.keys, expert, self.config, self._generator
             )
             metrics["expert_seconds"] = timer.seconds
-
-            edit_keys = keys[torch.arange(len(texts)), batch.prompt_last]  # (R, h)
-            router = self.routed.router
-            neuron, bias = train_neuron(router.normalise(edit_keys), self._negatives(), self.config, self._generator)
-            a = torch.sigmoid(router.normalise(edit_keys) @ neuron + bias)
-            if self._ids:
-                # Older neurons are not retrained: the new neuron must win on its own
-                # prompt. How strongly the strongest older one fires there is recorded.
-                metrics["older_max_activation"] = router.activations(edit_keys[:1]).max().item()
-            metrics.update(
-                activation=a[0].item(),
-                rephrase_activations=a[1:].tolist(),
-                seconds=timer.seconds,
-            )
-        return TrainedEdit(prompt, target, rephrases, self.layer, expert, neuron, bias, edit_keys.cpu(), metrics)
+            edit_rec, subject = self._edit_recording(batch, rec, prompt, subject)
+            neuron, subject_keys = self._train_neuron(edit_rec, prompt, subject)
+            metrics |= self._neuron_metrics(edit_rec, neuron, subject_keys)
+            metrics["seconds"] = timer.seconds
+        return TrainedEdit(
+            prompt, target, rephrases, self.layer, expert, neuron, edit_rec.relation.cpu(), subject_keys.cpu(),
+            subject, metrics,
+        )
 
     def add(self, edit_id: str, edit: TrainedEdit) -> bool:
         """Append an edit to the live model. False (no change) if it is already live."""
@@ -153,7 +170,9 @@ class Editor:
         with self._lock:
             if edit_id in self._edits:
                 return False
-            self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), edit.bias.to(self.device))
+            # It takes over from the live edits that fired on its prompt when it was trained.
+            overrides = [self._ids.index(i) for i in edit.metrics.get("fires_on_prompt", ()) if i in self._edits]
+            self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), overrides)
             self._ids.append(edit_id)
             self._edits[edit_id] = edit
             self._version += 1
@@ -172,7 +191,8 @@ class Editor:
             return True
 
     def sync(self, wanted: Sequence[str], load: Callable[[str], TrainedEdit]) -> tuple[list[str], list[str]]:
-        """Make the live set equal ``wanted``; returns (added, removed) ids."""
+        """Make the live set equal ``wanted`` (in that order: later ids take precedence);
+        returns (added, removed) ids."""
         with self._lock:
             wanted_set = set(wanted)
             removed = [i for i in self._ids if i not in wanted_set]
@@ -186,21 +206,25 @@ class Editor:
     # ---- inference ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def routing(self, at: torch.Tensor | None = None) -> Iterator[Callable[[int], list[Route]]]:
+    def routing(
+        self, at: torch.Tensor | None = None, content: torch.Tensor | None = None
+    ) -> Iterator[Callable[[int], list[Route]]]:
         """Route every forward pass of ``model`` inside the block as ``generate`` does.
 
-        Each sequence is routed once, at position ``at`` (B,) or its last, and keeps that
-        expert through later decode steps. Yields ``routes(n)``: the routes taken by the
-        block's n sequences once a forward pass has run. Holds the editor's lock.
+        Each sequence is routed once, at position ``at`` (B,) or its last, matching the
+        subject over ``content`` (B, T), the user's text (``Batch.content``), and keeps
+        that expert through later decode steps. Yields ``routes(n)``: the routes taken by
+        the block's n sequences once a forward pass has run. Holds the editor's lock.
         """
-        with self._lock, self.routed.session(at=at) as session:
-            yield lambda n: self._routes(session.get("routing"), n)
+        with self._lock, self.routed.routing_session(at, content) as session:
+            yield lambda n: self._routes(session.routing, n)
 
     def detach(self) -> None:
         """Give the model its own down projection back: it is the unedited model again and
         this editor is done."""
         with self._lock:
             self.adapter.set_down(self.layers[self.layer], self.routed.base)
+            self.routed.detach_tap()
             self._ids, self._edits = [], {}
             self._version += 1
 
@@ -213,23 +237,24 @@ class Editor:
         seed: int | None = None,
     ) -> list[Generation]:
         results: list[Generation] = []
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         for chunk in _chunks(prompts, self.batch_size):
-            with self.routing() as routes_of:
+            with self._lock:
                 batch = encode(self.tokenizer, chunk).to(self.device)
-                version = self._version
-                if seed is not None:
-                    torch.manual_seed(seed)
-                sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-                out = self.model.generate(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    **sampling,
-                )
-                routes = routes_of(len(chunk))
+                with self.routing(content=batch.content) as routes_of:
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    out = self.model.generate(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        **sampling,
+                    )
+                    routes = routes_of(len(chunk))
                 texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+                version = self._version
             results += [Generation(t, r.edit_id, r.activation, version) for t, r in zip(texts, routes)]
         return results
 
@@ -237,11 +262,17 @@ class Editor:
     def activations(self, prompts: Sequence[str]) -> torch.Tensor:
         """Every live neuron's activation on each prompt, (n, E), columns in ``edit_ids`` order."""
         with self._lock:
-            return self.routed.router.activations(self._prompt_keys(prompts)).cpu()
+            parts = []
+            for chunk in _chunks(prompts, self.batch_size):
+                batch = encode(self.tokenizer, chunk).to(self.device)
+                rec = self._record(batch)
+                keys = RoutingKeys(rec.subject, batch.content, rec.keys[:, -1])
+                parts.append(self.routed.router.activations(keys).cpu())
+            return torch.cat(parts)
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _routes(self, routing, n: int) -> list[Route]:
+    def _routes(self, routing: Routing | None, n: int) -> list[Route]:
         if routing is None:
             return [Route(None, 0.0)] * n
         return [
@@ -249,36 +280,112 @@ class Editor:
             for s, a in zip(routing.slots.tolist(), routing.activations.tolist())
         ]
 
-    def _record(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The edited layer's base output and keys for a batch, without running the layers above."""
+    def _record(self, batch: Batch) -> _Recorded:
+        """The edited layer's base output and keys, and the subject layer's keys, for a batch,
+        without running the layers above."""
         with self.routed.bypassed():
-            out, [(keys, _)] = record(self.model, self.layers[self.layer], [self.routed], batch.model_inputs())
-        return out, keys
+            out, [(subject, _), (keys, _)] = record(
+                self.model, self.layers[self.layer], [self._subject_down, self.routed], batch.model_inputs()
+            )
+        return _Recorded(out, keys, subject)
 
-    def _prompt_keys(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Raw keys (n, h) at the last token of each formatted prompt."""
+    def _subject_keys(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Subject keys (N, h_s) of every text token of ``prompts``; runs only up to the subject layer."""
         parts = []
-        with self._lock, torch.no_grad():
-            for chunk in _chunks(prompts, self.batch_size):
-                _, keys = self._record(encode(self.tokenizer, chunk).to(self.device))
-                parts.append(keys[:, -1])
+        for chunk in _chunks(prompts, self.batch_size):
+            batch = encode(self.tokenizer, chunk).to(self.device)
+            with self.routed.bypassed():
+                _, [(keys, _)] = record(
+                    self.model, self.layers[self.subject_layer], [self._subject_down], batch.model_inputs()
+                )
+            parts.append(keys[batch.content])
         return torch.cat(parts)
 
-    def _pool_keys_cached(self, cache_dir: str | os.PathLike | None) -> torch.Tensor:
-        prompts = pool_prompts()
-        if cache_dir is None or self.device.type != "cpu":
-            return self._prompt_keys(prompts)
-        key = keycache.fingerprint(self.model, [prompt_ids(self.tokenizer, p) for p in prompts], self.layer)
-        keys = keycache.load(Path(cache_dir), key)
-        if keys is None or keys.shape[0] != len(prompts):
-            keys = self._prompt_keys(prompts)
-            keycache.save(Path(cache_dir), key, keys)
-        return keys.to(self.device)
+    def _last_keys(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Relation keys (n, h) at the last token of each formatted prompt."""
+        parts = [self._record(encode(self.tokenizer, chunk).to(self.device)).keys[:, -1]
+                 for chunk in _chunks(prompts, self.batch_size)]
+        return torch.cat(parts)
 
-    def _negatives(self) -> torch.Tensor:
-        """Normalised keys a new neuron must not fire on: ordinary prompts and live edits."""
-        keys = [self._pool_keys] + [e.keys.to(self.device) for e in self._edits.values()]
-        return self.routed.router.normalise(torch.cat(keys))
+    def _edit_recording(
+        self, batch: Batch, rec: _Recorded, prompt: str, subject: str | None
+    ) -> tuple[EditRecording, str | None]:
+        """The edit's routing keys, with its subject located (or inferred) in row 0."""
+        R, T = batch.input_ids.shape
+        relation = rec.keys[torch.arange(R), batch.prompt_last]  # (R, h)
+        tokens = prompt_tokens(self.tokenizer, prompt)
+        start = T - int(batch.attention_mask[0].sum())  # row 0's left padding
+        if not self.config.subject_factor:
+            at, span = len(tokens.ids) - 1, []
+        elif subject is not None:
+            span = subject_positions(tokens, subject)
+            at = span[-1]
+        else:
+            norm = self.routed.router.subject_norm
+            pool = norm(self._pool.subject)  # (N_s, h_s)
+            keys = norm(rec.subject[0, start : start + len(tokens.ids)])  # (P, h_s)
+            novelty = (1 - (keys @ pool.T).amax(-1)).tolist()
+            at, subject = negatives.infer_subject(tokens, novelty)
+            span = subject_positions(tokens, subject) or [at]
+        in_span = torch.zeros(T, dtype=torch.bool, device=self.device)
+        in_span[[start + i for i in span]] = True
+        content = batch.content & (torch.arange(T, device=self.device) <= batch.prompt_last[:, None])
+        return EditRecording(rec.subject, content, relation, start + at, in_span), subject
+
+    def _train_neuron(self, rec: EditRecording, prompt: str, subject: str | None):
+        router, cfg, earlier = self.routed.router, self.config, list(self._edits.values())
+        if not cfg.subject_factor or subject is None:
+            neuron = paper_neuron(router, rec, self._pool, earlier, cfg, self._generator)
+            return neuron, rec.subject[:, rec.subject_at]
+        near = Neighbours(
+            self._subject_keys(negatives.other_subjects(prompt, subject, cfg.synthetic_subjects, self._rng)),
+            self._last_keys(negatives.other_relations(subject, cfg.synthetic_relations, self._rng)),
+        )
+        subject_keys = subject_positives(router, rec, cfg)
+        neuron = two_factor_neuron(router, rec, subject_keys, self._pool, near, earlier, cfg, self._generator)
+        return neuron, subject_keys
+
+    def _neuron_metrics(self, rec: EditRecording, neuron, subject_keys: torch.Tensor) -> dict:
+        """Activation of the new neuron on its prompt and rephrases, and which live edits fire there."""
+        probe = Router(subject_keys.shape[-1], rec.relation.shape[-1], self.config.theta, self.device)
+        probe.subject_norm, probe.relation_norm = self.routed.router.subject_norm, self.routed.router.relation_norm
+        probe.append(neuron)
+        a = probe.activations(routing_keys(rec))[:, 0]
+        metrics: dict = {"activation": a[0].item(), "rephrase_activations": a[1:].tolist()}
+        if self._ids:
+            # Older neurons are not retrained; of those above theta, the newest serves a prompt.
+            older = self.routed.router.activations(routing_keys(rec))[0]
+            metrics["older_max_activation"] = older.max().item()
+            above = (older > self.config.theta).nonzero().flatten().tolist()
+            metrics["fires_on_prompt"] = [self._ids[i] for i in above]
+        return metrics
+
+    def _pool_keys_cached(self, cache_dir: str | os.PathLike | None) -> PoolKeys:
+        prompts = negatives.pool_prompts()
+        if cache_dir is None or self.device.type != "cpu":
+            return self._pool_keys(prompts)
+        key = keycache.fingerprint(
+            self.model, [prompt_ids(self.tokenizer, p) for p in [*prompts, *negatives.generic_questions()]],
+            f"{self.subject_layer},{self.layer}",
+        )
+        cached = keycache.load(Path(cache_dir), key)
+        names = {"subject", "relation", "questions"}
+        if cached is None or set(cached) != names or len(cached["relation"]) != len(prompts):
+            pool = self._pool_keys(prompts)
+            keycache.save(Path(cache_dir), key, {n: getattr(pool, n) for n in names})
+            return pool
+        return PoolKeys(*(cached[n].to(self.device) for n in ("subject", "relation", "questions")))
+
+    def _pool_keys(self, prompts: Sequence[str]) -> PoolKeys:
+        with torch.no_grad():
+            subject, relation = [], []
+            for chunk in _chunks(prompts, self.batch_size):
+                batch = encode(self.tokenizer, chunk).to(self.device)
+                rec = self._record(batch)
+                subject.append(rec.subject[batch.content])
+                relation.append(rec.keys[:, -1])
+            questions = self._last_keys(negatives.generic_questions())
+            return PoolKeys(torch.cat(subject), torch.cat(relation), questions)
 
 
 def _chunks(items: Sequence, size: int):

@@ -3,7 +3,7 @@
 Computing them (a forward pass of every pool prompt up to layer l) is most of an
 ``Editor``'s start-up. The cache key hashes everything the keys depend on: the
 token ids of the formatted pool prompts (so the pool text, tokenizer and chat
-template), the layer, and every parameter and buffer of the model with its dtype.
+template), the layers read, and every parameter and buffer of the model with its dtype.
 A changed model, pool or tokenizer therefore never meets stale keys. Only models
 on the CPU use it: hashing weights held on an accelerator would first copy them to
 the host, which costs more than the forward pass there.
@@ -26,21 +26,21 @@ from app.scen.store import write_atomic
 
 log = logging.getLogger(__name__)
 
-VERSION = "pool-keys/1"
+VERSION = "pool-keys/2"
 
 
-def fingerprint(model: nn.Module, rows: Sequence[Sequence[int]], layer: int) -> str:
-    h = hashlib.sha256(f"{VERSION}|layer={layer}|rows={[list(r) for r in rows]}".encode())
+def fingerprint(model: nn.Module, rows: Sequence[Sequence[int]], layers: str) -> str:
+    h = hashlib.sha256(f"{VERSION}|layers={layers}|rows={[list(r) for r in rows]}".encode())
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         h.update(f"|{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
         h.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def load(folder: Path, key: str) -> torch.Tensor | None:
+def load(folder: Path, key: str) -> dict[str, torch.Tensor] | None:
     path = Path(folder) / f"{key}.safetensors"
     try:
-        return st_load(path.read_bytes())["keys"]
+        return st_load(path.read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, SafetensorError, KeyError) as exc:  # unreadable: recompute and overwrite
@@ -48,8 +48,9 @@ def load(folder: Path, key: str) -> torch.Tensor | None:
         return None
 
 
-def save(folder: Path, key: str, keys: torch.Tensor) -> None:
+def save(folder: Path, key: str, keys: dict[str, torch.Tensor]) -> None:
     try:
-        write_atomic(Path(folder) / f"{key}.safetensors", st_save({"keys": keys.detach().cpu().contiguous()}))
+        tensors = {name: t.detach().cpu().contiguous() for name, t in keys.items()}
+        write_atomic(Path(folder) / f"{key}.safetensors", st_save(tensors))
     except OSError as exc:  # a read-only cache only costs start-up time
         log.warning("could not cache pool keys in %s: %s", folder, exc)

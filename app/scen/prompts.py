@@ -28,14 +28,60 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    return prompt_tokens(tokenizer, prompt).ids
+
+
+@dataclass
+class PromptTokens:
+    ids: list[int]
+    content: list[bool]  # per token: part of the user's own text, not of the template
+    spans: list[tuple[int, int]]  # per token: its characters in ``text`` ((0, 0) for template tokens)
+    text: str  # the user's text as the template placed it
+
+
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> PromptTokens:
+    """The formatted prompt's token ids and which of them carry the user's text.
+
+    Routing looks at the user's text only: the template's system turn and headers are
+    the same in every prompt and say nothing about which fact is asked.
+    """
+    formatted = format_prompt(tokenizer, prompt)
+    text = prompt if prompt in formatted else prompt.strip()
+    start = formatted.rfind(text)  # the user turn comes after anything the system turn holds
     # The template already holds every special token the model expects.
-    return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    enc = tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    ids = enc.input_ids
+    if start < 0 or not tokenizer.is_fast:
+        return PromptTokens(ids, [True] * len(ids), [(0, 0)] * len(ids), prompt)
+    end = start + len(text)
+    spans = [(max(a, start) - start, min(b, end) - start) if a < end and b > start else (0, 0)
+             for a, b in enc.offset_mapping]
+    return PromptTokens(ids, [b > a for a, b in spans], spans, text)
+
+
+def subject_positions(tokens: PromptTokens, subject: str) -> list[int]:
+    """Indices of the tokens that spell ``subject`` (every occurrence, any case), in order."""
+    text, needle = tokens.text.casefold(), subject.strip().casefold()
+    if not needle:
+        return []
+    hits, at = [], text.find(needle)
+    while at >= 0:
+        end = at + len(needle)
+        hits += [i for i, (a, b) in enumerate(tokens.spans) if b > a and a < end and b > at and i not in hits]
+        at = text.find(needle, at + 1)
+    return sorted(hits)
 
 
 def check_limits(
-    tokenizer: PreTrainedTokenizerBase, config: ScenConfig, prompt: str, target: str, rephrases: Sequence[str] = ()
+    tokenizer: PreTrainedTokenizerBase,
+    config: ScenConfig,
+    prompt: str,
+    target: str,
+    rephrases: Sequence[str] = (),
+    subject: str | None = None,
 ) -> None:
-    """Raise ``InvalidEditError`` unless the edit's texts are non-empty and within the token limits."""
+    """Raise ``InvalidEditError`` unless the edit's texts are non-empty and within the token limits,
+    and the subject, when given, occurs in the prompt."""
     texts = [("prompt", prompt), *((f"rephrases[{i}]", r) for i, r in enumerate(rephrases))]
     for name, text in [*texts, ("target", target)]:
         if not isinstance(text, str) or not text.strip():
@@ -47,6 +93,8 @@ def check_limits(
     n = len(target_ids(tokenizer, target)) - 1
     if n > config.max_target_tokens:
         raise InvalidEditError(f"target is {n} tokens; the limit is {config.max_target_tokens}")
+    if subject is not None and not subject_positions(prompt_tokens(tokenizer, prompt), subject):
+        raise InvalidEditError(f"subject {subject!r} does not occur in the prompt")
 
 
 def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
@@ -59,12 +107,13 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     position_ids: torch.Tensor  # (B, T)
     prompt_last: torch.Tensor  # (B,) index of each row's last prompt token
+    content: torch.Tensor  # (B, T) bool, the tokens of the user's text
     targets: list[list[int]]  # per row; the row's final len(target) tokens
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-            self.prompt_last.to(device), self.targets,
+            self.prompt_last.to(device), self.content.to(device), self.targets,
         )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
@@ -77,23 +126,26 @@ def encode(
     targets: Sequence[str] | None = None,
 ) -> Batch:
     """Left-padded batch of prompt (+ target + eos) token rows."""
-    rows, tgts = [], []
+    rows, contents, tgts = [], [], []
     for i, prompt in enumerate(prompts):
-        p = prompt_ids(tokenizer, prompt)
+        p = prompt_tokens(tokenizer, prompt)
         t = target_ids(tokenizer, targets[i]) if targets is not None else []
-        rows.append(p + t)
+        rows.append(p.ids + t)
+        contents.append(p.content + [False] * len(t))
         tgts.append(t)
-    return pack(rows, tgts, tokenizer.pad_token_id)
+    return pack(rows, contents, tgts, tokenizer.pad_token_id)
 
 
-def pack(rows: list[list[int]], targets: list[list[int]], pad_id: int) -> Batch:
+def pack(rows: list[list[int]], contents: list[list[bool]], targets: list[list[int]], pad_id: int) -> Batch:
     T = max(len(r) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
+    content = torch.zeros((B, T), dtype=torch.bool)
     for i, row in enumerate(rows):
         input_ids[i, T - len(row):] = torch.tensor(row, dtype=torch.long)
         mask[i, T - len(row):] = 1
+        content[i, T - len(row):] = torch.tensor(contents[i], dtype=torch.bool)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     prompt_last = torch.tensor([T - 1 - len(t) for t in targets], dtype=torch.long)
-    return Batch(input_ids, mask, position_ids, prompt_last, targets)
+    return Batch(input_ids, mask, position_ids, prompt_last, content, targets)

@@ -1,15 +1,16 @@
 """The routed down projection that replaces ``W_down`` in the edited layer.
 
-It computes ``down(k)`` exactly as before, reads the key of each sequence at its
-routing position, and for sequences whose top neuron fires above theta adds that
-edit's expert delta. One batch can therefore mix base-model rows and rows served
-by different experts. Routing is decided once per sequence, at prefill, and held
-for every generated token (a *routing session*).
+It computes ``down(k)`` exactly as before, reads each sequence's routing keys,
+and for sequences routed to an edit adds that edit's expert delta. One batch can
+therefore mix base-model rows and rows served by different experts. Routing is
+decided once per sequence, at prefill, and held for every generated token (a
+*routing session*).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,40 +23,57 @@ from app.scen.experts import Expert
 @dataclass
 class Routing:
     slots: torch.Tensor  # (B,) expert slot per sequence, -1 = base model
-    activations: torch.Tensor  # (B,) top neuron activation per sequence (0 when no neurons)
+    activations: torch.Tensor  # (B,) activation of the chosen neuron, else the top one (0 when no neurons)
 
 
-class Router(nn.Module):
-    """Indexing neurons over normalised keys.
+@dataclass
+class RoutingKeys:
+    """What one routing decision reads, per sequence."""
+
+    subject: torch.Tensor  # (B, T, h) keys of the subject layer at every position
+    content: torch.Tensor  # (B, T) bool, positions of the user's text
+    relation: torch.Tensor  # (B, h) key of the edited layer at the routing position
+
+
+@dataclass
+class Neuron:
+    """One edit's indexing neuron: two factors, each a vector over normalised keys and a bias."""
+
+    subject: torch.Tensor  # (h,) fires on the edit's subject, at any position of the user's text
+    subject_bias: torch.Tensor  # ()
+    relation: torch.Tensor  # (h,) fires on the question asked, read at the routing position
+    relation_bias: torch.Tensor  # ()
+
+    def to(self, device: torch.device) -> Neuron:
+        return Neuron(*(t.to(device) for t in (self.subject, self.subject_bias, self.relation, self.relation_bias)))
+
+
+class KeyNorm(nn.Module):
+    """Whitening of one layer's keys, fitted on keys of ordinary prompts, then unit length.
 
     Raw keys of one layer are nearly collinear with large norms: a neuron on raw
-    keys cannot tell prompts apart. Keys are therefore whitened against a pool of
-    ordinary prompts (centred on their mean, decorrelated with a shrunk covariance
-    estimate) and scaled to unit length; directions every prompt shares stop
+    keys cannot tell prompts apart. Centred on the pool's mean and decorrelated
+    with a shrunk covariance estimate, the directions every prompt shares stop
     dominating, and a rephrase lands near its edit's key while unrelated prompts
-    do not. Each neuron has a bias, so it fires on a cap around its key instead of
-    on a half-space.
+    do not.
     """
 
-    def __init__(self, h: int, theta: float, device: torch.device | None = None):
+    def __init__(self, h: int, device: torch.device | None = None):
         super().__init__()
-        self.theta = theta
         self.register_buffer("center", torch.zeros(h, device=device))  # (h,)
         self.register_buffer("whiten", torch.eye(h, device=device))  # (h, h)
-        self.register_buffer("neurons", torch.zeros(0, h, device=device))  # W_merge, (E, h)
-        self.register_buffer("biases", torch.zeros(0, device=device))  # (E,)
 
     @torch.no_grad()
     def fit(self, pool_keys: torch.Tensor, shrinkage: float) -> None:
-        """Set the key normalisation from raw keys of ordinary prompts, (N, h)."""
+        """Set the normalisation from raw keys of ordinary prompts, (N, h)."""
         X = pool_keys.double()
         self.center = X.mean(0).float()
         X = X - X.mean(0)
         N, h = X.shape
-        # The covariance X'X/N has rank <= N (120 pool prompts against h = 1536 on SmolLM2), hence
-        # the shrinkage to a scaled identity: (1 - s) X'X/N + s m I, m its mean variance. Its
-        # eigenvectors are X's right singular vectors V plus any basis of their complement, so
-        # the inverse square root comes from a thin SVD (N x h) instead of an h x h eigh.
+        # The covariance X'X/N has rank <= N (fewer pool keys than h), hence the shrinkage to a
+        # scaled identity: (1 - s) X'X/N + s m I, m its mean variance. Its eigenvectors are X's
+        # right singular vectors V plus any basis of their complement, so the inverse square
+        # root comes from a thin SVD (N x h) instead of an h x h eigendecomposition.
         _, S, Vh = torch.linalg.svd(X, full_matrices=False)  # Vh: (r, h)
         var = S.square() / N
         floor = (shrinkage * var.sum() / h).clamp_min(1e-12)
@@ -65,29 +83,112 @@ class Router(nn.Module):
         whiten.diagonal().add_(outside)
         self.whiten = whiten.float()
 
-    def normalise(self, keys: torch.Tensor) -> torch.Tensor:
+    def forward(self, keys: torch.Tensor) -> torch.Tensor:  # (..., h) -> (..., h)
         return F.normalize((keys.float() - self.center) @ self.whiten, dim=-1)
 
-    def activations(self, keys: torch.Tensor) -> torch.Tensor:  # (B, h) -> (B, E)
-        return torch.sigmoid(self.normalise(keys) @ self.neurons.T + self.biases)
 
-    def route(self, keys: torch.Tensor) -> Routing:
-        B = keys.shape[0]
-        if self.neurons.shape[0] == 0:
-            return Routing(keys.new_full((B,), -1, dtype=torch.long), keys.new_zeros(B, dtype=torch.float))
-        top, slot = self.activations(keys).max(dim=-1)
-        return Routing(torch.where(top > self.theta, slot, -1), top)
+class Router(nn.Module):
+    """The stacked indexing neurons (``W_merge``) and the routing rule.
+
+    An edit's activation on a prompt is ``min(s, r)``: ``s``, the subject factor, is
+    its best match over the positions of the user's text at an early layer (where a
+    token's representation says which entity it names); ``r``, the relation factor,
+    reads the edited layer's key at the last prompt token (which says what is asked).
+    Another subject with the same question fails ``s``; another question about the
+    same subject fails ``r``. Each factor has a bias, so it fires on a cap around
+    its key instead of on a half-space.
+
+    Of the edits whose activation exceeds theta, the strongest serves the sequence,
+    except that an edit yields to any later one that overrides it and fires too: a
+    later correction of the same fact takes over from the one it corrects, and
+    rolling the correction back brings the older edit back.
+    """
+
+    def __init__(self, h_subject: int, h: int, theta: float, device: torch.device | None = None):
+        super().__init__()
+        self.theta = theta
+        self.subject_norm = KeyNorm(h_subject, device)
+        self.relation_norm = KeyNorm(h, device)
+        self.register_buffer("subject_w", torch.zeros(0, h_subject, device=device))  # (E, h_s)
+        self.register_buffer("subject_b", torch.zeros(0, device=device))  # (E,)
+        self.register_buffer("relation_w", torch.zeros(0, h, device=device))  # W_merge, (E, h)
+        self.register_buffer("relation_b", torch.zeros(0, device=device))  # (E,)
+        self.register_buffer("overrides", torch.zeros(0, 2, dtype=torch.long, device=device))  # (K, 2) newer, older
+
+    def __len__(self) -> int:
+        return self.relation_w.shape[0]
+
+    def subject_factor(self, subject: torch.Tensor, content: torch.Tensor) -> torch.Tensor:  # -> (B, E)
+        s = torch.sigmoid(self.subject_norm(subject) @ self.subject_w.T + self.subject_b)  # (B, T, E)
+        return s.masked_fill(~content[..., None], 0.0).amax(1)
+
+    def relation_factor(self, relation: torch.Tensor) -> torch.Tensor:  # (B, h) -> (B, E)
+        return torch.sigmoid(self.relation_norm(relation) @ self.relation_w.T + self.relation_b)
+
+    def activations(self, keys: RoutingKeys) -> torch.Tensor:  # -> (B, E)
+        return torch.minimum(self.subject_factor(keys.subject, keys.content), self.relation_factor(keys.relation))
+
+    def route(self, keys: RoutingKeys) -> Routing:
+        B = keys.relation.shape[0]
+        if len(self) == 0:
+            return Routing(keys.relation.new_full((B,), -1, dtype=torch.long), keys.relation.new_zeros(B))
+        a = self.activations(keys)  # (B, E)
+        eligible = a > self.theta
+        if len(self.overrides):
+            newer, older = self.overrides.T  # (K,), (K,)
+            yielded = torch.zeros_like(a).index_add_(1, older, eligible[:, newer].float())  # (B, E)
+            eligible &= yielded == 0
+        top, slot = a.masked_fill(~eligible, -1.0).max(-1)  # (B,)
+        return Routing(torch.where(top >= 0, slot, -1), torch.where(top >= 0, top, a.amax(-1)))
+
+    def append(self, neuron: Neuron, overrides: Sequence[int] = ()) -> None:
+        """Add a neuron in the next slot; it overrides the given older slots wherever both fire."""
+        slot = len(self)
+        pairs = torch.tensor([[slot, o] for o in overrides], dtype=torch.long, device=self.overrides.device)
+        self.overrides = torch.cat([self.overrides, pairs.reshape(-1, 2)])
+        self.subject_w = torch.cat([self.subject_w, neuron.subject.reshape(1, -1)])
+        self.subject_b = torch.cat([self.subject_b, neuron.subject_bias.reshape(1)])
+        self.relation_w = torch.cat([self.relation_w, neuron.relation.reshape(1, -1)])
+        self.relation_b = torch.cat([self.relation_b, neuron.relation_bias.reshape(1)])
+
+    def pop(self, slot: int) -> None:
+        keep = [i for i in range(len(self)) if i != slot]
+        self.subject_w, self.subject_b = self.subject_w[keep], self.subject_b[keep]
+        self.relation_w, self.relation_b = self.relation_w[keep], self.relation_b[keep]
+        pairs = self.overrides[(self.overrides != slot).all(-1)]
+        self.overrides = pairs - (pairs > slot).long()
+
+
+@dataclass
+class RoutingSession:
+    """One batch's routing: decided at the first forward pass (prefill), held for every later one."""
+
+    at: torch.Tensor | None = None  # (B,) routing position per row; None: each row's last
+    content: torch.Tensor | None = None  # (B, T) bool, the user's text; None: every position up to ``at``
+    routing: Routing | None = None
 
 
 class RoutedDown(nn.Module):
-    def __init__(self, base: nn.Module, router: Router):
+    """Stands in for ``W_down`` of the edited layer: the base output plus, per sequence, the
+    delta of the expert its routing chose.
+
+    ``subject_down`` is the down projection of the subject layer (at or below this one);
+    a hook keeps the keys it saw in the current forward pass for the subject factor.
+    """
+
+    def __init__(self, base: nn.Module, router: Router, subject_down: nn.Module):
         super().__init__()
         self.base = base
         self.router = router
-        self.experts = nn.ModuleList()  # slot i <-> router.neurons[i]
-        self._session: dict | None = None
+        self.experts = nn.ModuleList()  # slot i <-> the router's neuron i
+        self.session: RoutingSession | None = None
         self._bypass = False
         self._forced: torch.Tensor | None = None
+        self._subject_keys: torch.Tensor | None = None
+        self._tap = subject_down.register_forward_hook(self._keep_subject_keys)
+
+    def _keep_subject_keys(self, module, args, output) -> None:
+        self._subject_keys = args[0]
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:  # (B, T, h) -> (B, T, d)
         out = self.base(k)
@@ -108,30 +209,41 @@ class RoutedDown(nn.Module):
             return Routing(self._forced, torch.ones_like(self._forced, dtype=torch.float))
         if len(self.experts) == 0:
             return None
-        session = self._session
-        if session is not None and session.get("routing") is not None:
-            return session["routing"]  # decode step: keep the prefill decision
-        B, T, _ = k.shape
-        at = session.get("at") if session is not None else None
-        at = torch.full((B,), T - 1, device=k.device) if at is None else at.to(k.device)
-        routing = self.router.route(k[torch.arange(B, device=k.device), at])  # keys: (B, h)
+        session = self.session
+        if session is not None and session.routing is not None:
+            return session.routing  # decode step: keep the prefill decision
+        routing = self.router.route(self.routing_keys(k, session))
         if session is not None:
-            session["routing"] = routing
+            session.routing = routing
         return routing
+
+    def routing_keys(self, k: torch.Tensor, session: RoutingSession | None) -> RoutingKeys:
+        """The keys of the forward pass in progress, given this layer's keys ``k`` (B, T, h)."""
+        B, T, _ = k.shape
+        at = session.at if session is not None and session.at is not None else None
+        at = torch.full((B,), T - 1, device=k.device) if at is None else at.to(k.device)
+        positions = torch.arange(T, device=k.device)[None, :]  # (1, T)
+        content = session.content if session is not None else None
+        content = positions <= at[:, None] if content is None else content.to(k.device)
+        # A row without text of its own (an empty prompt) is matched at its routing position.
+        content = content | (~content.any(1, keepdim=True) & (positions == at[:, None]))
+        subject = self._subject_keys if self._subject_keys is not None else k
+        return RoutingKeys(subject, content, k[torch.arange(B, device=k.device), at])
+
+    def detach_tap(self) -> None:
+        self._tap.remove()
 
     # ---- contexts used by the editor -------------------------------------------------
 
     @contextlib.contextmanager
-    def session(self, at: torch.Tensor | None = None):
-        """Route each sequence once (at ``at``, default its last position) and hold it.
-
-        Yields a dict whose ``routing`` entry holds the decision after the first forward.
-        """
-        self._session = {"at": at, "routing": None}
+    def routing_session(self, at: torch.Tensor | None = None, content: torch.Tensor | None = None):
+        """Route each sequence once and hold it. Yields the session; its ``routing`` is set
+        by the first forward pass."""
+        self.session = RoutingSession(at, content)
         try:
-            yield self._session
+            yield self.session
         finally:
-            self._session = None
+            self.session = None
 
     @contextlib.contextmanager
     def forced(self, slots: torch.Tensor):
@@ -153,14 +265,11 @@ class RoutedDown(nn.Module):
 
     # ---- live set ----------------------------------------------------------------------
 
-    def append(self, expert: Expert, neuron: torch.Tensor, bias: torch.Tensor) -> int:
+    def append(self, expert: Expert, neuron: Neuron, overrides: Sequence[int] = ()) -> int:
         self.experts.append(expert)
-        self.router.neurons = torch.cat([self.router.neurons, neuron.reshape(1, -1)])
-        self.router.biases = torch.cat([self.router.biases, bias.reshape(1)])
+        self.router.append(neuron, overrides)
         return len(self.experts) - 1
 
     def pop(self, slot: int) -> None:
         del self.experts[slot]
-        keep = [i for i in range(self.router.neurons.shape[0]) if i != slot]
-        self.router.neurons = self.router.neurons[keep]
-        self.router.biases = self.router.biases[keep]
+        self.router.pop(slot)

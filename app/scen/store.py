@@ -2,33 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from app.scen.errors import IntegrityError
 from app.scen.experts import Expert
+from app.scen.routed import Neuron
 from app.scen.training import TrainedEdit
 
-FORMAT = "scen-edit/1"
+FORMAT = "scen-edit/2"
 
 
 def save_edit(edit: TrainedEdit, path: str | os.PathLike) -> str:
     """Write ``edit`` to ``path`` (temp file, fsync, rename) and return its sha256."""
     tensors = {f"expert.{k}": v.detach().cpu().contiguous() for k, v in edit.expert.tensors().items()}
-    tensors["neuron"] = edit.neuron.detach().cpu().contiguous()
-    tensors["bias"] = edit.bias.detach().cpu().reshape(())
+    for name, value in dataclasses.asdict(edit.neuron).items():
+        tensors[f"neuron.{name}"] = value.detach().cpu().contiguous()
     tensors["keys"] = edit.keys.detach().cpu().contiguous()
+    tensors["subject_keys"] = edit.subject_keys.detach().cpu().contiguous()
     metadata = {
         "format": FORMAT,
         "prompt": edit.prompt,
         "target": edit.target,
         "rephrases": json.dumps(list(edit.rephrases)),
+        "subject": json.dumps(edit.subject),
         "layer": str(edit.layer),
         "expert_kind": edit.expert.kind,
         "metrics": json.dumps(edit.metrics),
@@ -70,8 +75,12 @@ def load_edit(path: str | os.PathLike, sha256: str | None = None) -> TrainedEdit
         if meta.get("format") != FORMAT:
             raise IntegrityError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
         tensors = st_load(data)
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        return _edit(meta, tensors)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise IntegrityError(f"{path}: not a readable edit file ({exc})") from None
+
+
+def _edit(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> TrainedEdit:
     expert = Expert.from_tensors({k.removeprefix("expert."): v for k, v in tensors.items() if k.startswith("expert.")})
     return TrainedEdit(
         prompt=meta["prompt"],
@@ -79,9 +88,10 @@ def load_edit(path: str | os.PathLike, sha256: str | None = None) -> TrainedEdit
         rephrases=tuple(json.loads(meta["rephrases"])),
         layer=int(meta["layer"]),
         expert=expert,
-        neuron=tensors["neuron"],
-        bias=tensors["bias"],
+        neuron=Neuron(**{f.name: tensors[f"neuron.{f.name}"] for f in dataclasses.fields(Neuron)}),
         keys=tensors["keys"],
+        subject_keys=tensors["subject_keys"],
+        subject=json.loads(meta["subject"]),
         metrics=json.loads(meta["metrics"]),
     )
 

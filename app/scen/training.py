@@ -6,8 +6,8 @@ and the key ``k``; with expert delta ``D`` the edited layer outputs
 ``out_l + D(k)``. Each training step therefore replays only the layers above l
 (the lower layers are swapped for pass-throughs while the step runs).
 
-Stage 2 trains the indexing neuron on stored keys alone (no model pass), with
-the paper's loss ``exp(-a_t) + m * (mean exp(a_i + alpha) + mean exp(a_i - a_t + beta))``.
+Stage 2 trains the indexing neuron's two factors on recorded keys alone (no model
+pass), each with the paper's loss ``exp(-a_t) + m * (mean exp(a_i + alpha) + mean exp(a_i - a_t + beta))``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from app.scen.config import ScenConfig
 from app.scen.experts import Expert
 from app.scen.layers import replay_above
 from app.scen.prompts import Batch
+from app.scen.routed import Neuron
 
 
 @dataclass
@@ -35,9 +36,10 @@ class TrainedEdit:
     rephrases: tuple[str, ...]
     layer: int
     expert: Expert
-    neuron: torch.Tensor  # (h,) indexing neuron over normalised keys
-    bias: torch.Tensor  # () the neuron's bias
-    keys: torch.Tensor  # (1 + len(rephrases), h) raw keys of the prompt and rephrases
+    neuron: Neuron
+    keys: torch.Tensor  # (1 + len(rephrases), h) raw relation keys of the prompt and rephrases
+    subject_keys: torch.Tensor  # (1 + len(rephrases), h_s) raw subject keys, where each names the subject
+    subject: str | None = None  # as given, or as inferred from the prompt
     metrics: dict = field(default_factory=dict)
 
 
@@ -126,7 +128,8 @@ def neuron_loss(a_pos: torch.Tensor, a_neg: torch.Tensor, config: ScenConfig) ->
 
 
 def train_neuron(
-    positives: torch.Tensor, negatives: torch.Tensor, config: ScenConfig, generator: torch.Generator
+    positives: torch.Tensor, negatives: torch.Tensor, config: ScenConfig, generator: torch.Generator,
+    init_bias: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indexing neuron (h,) and bias for normalised keys; ``positives`` (P, h), row 0 the edit prompt.
 
@@ -138,7 +141,8 @@ def train_neuron(
     jitter = F.normalize(positives[:1] + config.positive_noise * noise, dim=-1)
     pos = torch.cat([positives, jitter])  # (P', h)
     w = (positives[0] * config.neuron_init_scale).clone().requires_grad_(True)
-    b = torch.tensor(config.neuron_init_bias, device=positives.device, requires_grad=True)
+    bias = config.neuron_init_bias if init_bias is None else init_bias
+    b = torch.tensor(bias, device=positives.device, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=config.neuron_lr)
     with torch.enable_grad():
         for _ in range(config.neuron_steps):

@@ -145,7 +145,7 @@ def test_sync_removes_and_keeps_order():
         ("", "Rome", "prompt must be a non-empty string"),
         ("   ", "Rome", "prompt must be a non-empty string"),
         ("What is the capital of France?", "", "target must be a non-empty string"),
-        ("What is the capital of France?", "word " * 80, "target is"),
+        ("What is the capital of France?", "word " * 600, "target is"),
         ("word " * 600, "Rome", "prompt is"),
     ],
 )

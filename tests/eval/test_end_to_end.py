@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from app.eval.runner import EvalPlan, parse_checkpoints, parse_methods, run
+from app.eval.plan import EvalPlan, parse_checkpoints, parse_methods
+from app.eval.runner import run
 from tests.utils.tiny_models import tiny_model
 
 QUESTIONS = [
@@ -61,11 +62,13 @@ def test_scen_end_to_end_on_tiny_model(tmp_path):
 
 
 def test_same_seed_same_selection_and_numbers(tmp_path):
-    kw = dict(dataset=mend_file(tmp_path), checkpoints=[2], overrides=["layer=2", "expert_lr=1e-2"],
-              generation=False)
+    kw = {"dataset": mend_file(tmp_path), "checkpoints": [2], "overrides": ["layer=2", "expert_lr=1e-2"],
+          "generation": False}
     a = run(EvalPlan(seed=3, out=tmp_path / "a.json", **kw), lm=tiny_model("llama"))
     b = run(EvalPlan(seed=3, out=tmp_path / "b.json", **kw), lm=tiny_model("llama"))
-    strip = lambda r: {k: v for k, v in r["methods"]["scen"].items() if "seconds" not in k and k != "train"}
+
+    def strip(r):
+        return {k: v for k, v in r["methods"]["scen"].items() if "seconds" not in k and k != "train"}
     assert [e["id"] for e in a["per_edit"]["scen"]] == [e["id"] for e in b["per_edit"]["scen"]]
     assert strip(a) == strip(b)
 
@@ -92,8 +95,8 @@ def test_all_methods_and_theta_sweep_on_tiny_model(tmp_path):
 
 
 def test_resume_skips_finished_methods(tmp_path, caplog):
-    kw = dict(dataset=mend_file(tmp_path), checkpoints=[2], seed=0, out=tmp_path / "r.json",
-              overrides=["layer=2", "expert_lr=1e-2"], generation=False)
+    kw = {"dataset": mend_file(tmp_path), "checkpoints": [2], "seed": 0, "out": tmp_path / "r.json",
+          "overrides": ["layer=2", "expert_lr=1e-2"], "generation": False}
     first = run(EvalPlan(methods=["ft"], **kw), lm=tiny_model("llama"))
     caplog.set_level("INFO")
     second = run(EvalPlan(methods=["ft", "grace"], resume=True, **kw), lm=tiny_model("llama"))
@@ -117,7 +120,7 @@ def test_records_over_the_engine_limits_are_passed_over_for_every_method(tmp_pat
 
 def test_generation_sample_is_seeded_and_shared():
     from app.eval.datasets import EditRecord
-    from app.eval.runner import sampled
+    from app.eval.selection import sampled
 
     records = [EditRecord(index=i, prompt=f"p{i}", target="t") for i in range(50)]
     assert sampled(records, 0, 0) == records and sampled(records[:10], 20, 0) == records[:10]
@@ -152,8 +155,8 @@ def test_ft_kl_draws_a_minibatch_of_its_kl_prompts(tmp_path):
 
 
 def test_jobs_run_method_groups_in_processes_and_merge(tmp_path):
+    from app.eval.command import run_from_cli
     from app.eval.parallel import split
-    from app.eval.runner import run_from_cli
 
     assert split(["scen", "ft", "ft_kl", "grace"], 2) == [["scen", "ft"], ["ft_kl", "grace"]]
     assert split(["scen", "ft", "grace"], 2) == [["scen", "ft"], ["grace"]]
@@ -170,4 +173,8 @@ def test_jobs_run_method_groups_in_processes_and_merge(tmp_path):
     assert set(results["methods"]) == {"ft", "grace"} and results["method_config"]["grace"]["epsilon"] == 1.0
     assert [set(c["methods"]) for c in results["checkpoints"]] == [{"ft", "grace"}] * 2
     assert json.loads(out.read_text())["methods"] == results["methods"]
-    assert (out.parent / "report.md").exists() and (out.parent / "parts" / "grace" / "log.txt").exists()
+    assert (out.parent / "report.md").exists()
+    # Each process logged into its own file; the merged report lists the parts' methods together.
+    log_text = (out.parent / "parts" / "grace" / "log.txt").read_text()
+    assert "editing 2 (seed 0)" in log_text and "grace edits" in log_text
+    assert (out.parent / "parts" / "ft" / "results.json").exists()

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from app.eval import report
-from app.eval.sweeps import parse_sweep
+from app.eval.results import merge, write_json
+from app.eval.sweep_options import parse_sweep
 
 
 def test_parse_sweep():
@@ -18,8 +19,10 @@ def test_parse_sweep():
 
 
 def fake_results():
-    m = lambda rel, loc, s: {"reliability": rel, "generality": rel - 0.2, "locality": loc,
-                             "generation_exact_match": rel, "seconds_per_edit_p50": s}
+    def m(rel, loc, s):
+        return {"reliability": rel, "generality": rel - 0.2, "locality": loc,
+                "generation_exact_match": rel, "seconds_per_edit_p50": s}
+
     return {
         "model": "tiny", "dataset": "d.json", "seed": 0, "edits": 50, "config": {"theta": 0.65},
         "methods": {"scen": m(1.0, 0.99, 1.0), "ft": m(0.5, 0.40, 1.0)},
@@ -55,7 +58,7 @@ def test_render_writes_markdown_and_plots(tmp_path):
     assert "| scen | 1.000 |" in text and "## After 10 edits" in text and "theta sweep" in text
     for name in ("scaling.png", "sweep_theta.png", "activations_heatmap.png", "top_activation.png"):
         assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in text
-    report.write_json(results, tmp_path / "results.json")
+    write_json(results, tmp_path / "results.json")
     assert json.loads((tmp_path / "results.json").read_text())["plots"]
 
 
@@ -68,9 +71,9 @@ def test_merge_combines_methods_of_parallel_runs():
     for c in b["checkpoints"]:
         c["methods"].pop("scen")
     b["sweeps"], b["routing"] = {}, {}
-    merged = report.merge([a, b])
+    merged = merge([a, b])
     assert set(merged["methods"]) == {"scen", "ft"}
     assert [set(c["methods"]) for c in merged["checkpoints"]] == [{"scen", "ft"}, {"scen", "ft"}]
     assert merged["sweeps"]["scen"] == a["sweeps"]["scen"] and "ft" not in a["methods"]  # inputs untouched
     with pytest.raises(ValueError, match="differ in seed"):
-        report.merge([a, dict(b, seed=1)])
+        merge([a, dict(b, seed=1)])

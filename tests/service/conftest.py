@@ -22,7 +22,6 @@ from app.api.app import create_app
 from app.settings import Settings
 from tests.utils.tiny_models import tiny_model
 
-
 REDIS_URL = os.environ.get("SCEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URLS = [
     os.environ.get("SCEN_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"),
@@ -104,10 +103,10 @@ def redis_prefix(redis_url: str):
 
 def make_settings(tmp_path: Path, database_url: str, redis_url: str | None = None, prefix: str = "scen:",
                   **overrides) -> Settings:
-    values = dict(
-        data_dir=tmp_path / "data", database_url=database_url, redis_url=redis_url, redis_prefix=prefix,
-        reconcile_seconds=0.5, batch_window_ms=5, claim_idle_ms=60_000,
-    )
+    values = {
+        "data_dir": tmp_path / "data", "database_url": database_url, "redis_url": redis_url, "redis_prefix": prefix,
+        "reconcile_seconds": 0.5, "batch_window_ms": 5, "claim_idle_ms": 60_000,
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)
 

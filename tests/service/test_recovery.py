@@ -26,7 +26,7 @@ def test_restart_restores_active_edits(db, request, tmp_path):
     with running(settings) as client:  # a new process: fresh model, state only from DB + files
         ready = client.get("/ready").json()
         assert ready["live_edits"] == 2
-        assert client.app.state.service.live.editor.edit_ids == [ids[0], ids[2]]
+        assert client.app.state.service.served.editor.edit_ids == [ids[0], ids[2]]
         for prompt, _ in EDITS:
             again = client.post("/generate", json={"prompt": prompt, "max_new_tokens": 8}).json()
             assert again["text"] == answers[prompt]["text"]
@@ -51,7 +51,7 @@ def test_api_follows_external_worker_and_reconciles(redis_url, redis_prefix, sql
         edit_id = client.post("/edits", json={"prompt": EDITS[0][0], "target": EDITS[0][1]}).json()["id"]
         wait_status(client, edit_id, {"active"})
         # The event (or, failing it, the periodic reconcile) appends the expert without a restart.
-        assert wait_for(lambda: client.app.state.service.live.editor.edit_ids == [edit_id], 5)
+        assert wait_for(lambda: client.app.state.service.served.editor.edit_ids == [edit_id], 5)
         out = client.post("/generate", json={"prompt": EDITS[0][0], "max_new_tokens": 8}).json()
         assert out["routing"]["edit_id"] == edit_id and out["text"].startswith(EDITS[0][1])
 
@@ -80,7 +80,7 @@ def test_worker_killed_mid_training(db, request, redis_url, redis_prefix, tmp_pa
         assert edit["attempts"] == 2 and edit["error"] is None
         files = sorted(Path(settings.data_dir, "experts").glob(f"{edit_id}.*"))
         assert [f.name for f in files] == [Path(edit["expert_path"]).name]
-        assert wait_for(lambda: client.app.state.service.live.editor.edit_ids == [edit_id], 5)
+        assert wait_for(lambda: client.app.state.service.served.editor.edit_ids == [edit_id], 5)
         assert client.get("/edits", params={"status": "active"}).json()["total"] == 1
 
 
@@ -127,7 +127,7 @@ def test_slow_worker_keeps_its_edit(redis_url, redis_prefix, sqlite_url, tmp_pat
 def test_edit_committed_but_never_enqueued_is_sent_again(db, request, redis_url, redis_prefix, tmp_path):
     """An API process that dies between its commit and XADD leaves a queued edit with no message."""
     from app.db import edits as repo
-    from workers.runtime import open_database
+    from app.live import open_database
 
     settings = make_settings(tmp_path, request.getfixturevalue(f"{db}_url"), redis_url, redis_prefix,
                              embedded_worker=False, requeue_after_s=0.3)

@@ -102,7 +102,7 @@ def test_not_ready_answers_503_and_writes_nothing(sqlite_url, tmp_path):
 def test_queue_down_rejects_post_and_writes_nothing(sqlite_url, tmp_path):
     settings = make_settings(tmp_path, sqlite_url, redis_url="redis://127.0.0.1:1/0", embedded_worker=False)
     with running(settings, wait_ready=False) as client:
-        assert wait_for(lambda: client.app.state.service.live is not None, 10)
+        assert wait_for(lambda: client.app.state.service.served is not None, 10)
         r = client.get("/ready")
         assert r.status_code == 503 and "queue" in r.json()["error"]
         r = client.post("/edits", json={"prompt": "q?", "target": "x"})

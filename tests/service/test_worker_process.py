@@ -64,7 +64,7 @@ def test_killed_worker_process(redis_url, redis_prefix, sqlite_url, model_dir, t
             edit = wait_status(client, doomed, {"active"}, timeout=60)
             assert edit["attempts"] == (2 if handed_over else 1)
             assert wait_for(lambda: queue.pending() == 0, 5)
-            live = client.app.state.service.live.editor
+            live = client.app.state.service.served.editor
             assert wait_for(lambda: live.edit_ids == [warm, doomed], 5)
             # Warm shutdown on SIGTERM.
             second.send_signal(signal.SIGTERM)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-
-from app.settings import Settings
-from tests.utils.tiny_models import tiny_model
-from workers.runtime import build_live, open_database, open_queue
 import threading
 
-from workers.worker import EditWorker
+from app.live import build_served_model, open_database, open_queue
+from app.settings import Settings
+from tests.utils.tiny_models import tiny_model
+from workers.worker import build_worker
 
 
 class SimulatedCrash(BaseException):
@@ -20,10 +19,8 @@ class SimulatedCrash(BaseException):
 def start_worker(settings: Settings, name: str | None = None, after_save=None, block_ms: int = 100):
     db = open_database(settings)
     queue = open_queue(settings)
-    live = build_live(settings, db, tiny_model("llama"))
-    worker = EditWorker(live, db, queue, max_deliveries=settings.max_deliveries,
-                        claim_idle_ms=settings.claim_idle_ms, name=name,
-                        block_ms=block_ms, after_save=after_save, requeue_after_s=settings.requeue_after_s)
+    served = build_served_model(settings, db, tiny_model("llama"))
+    worker = build_worker(settings, served, db, queue, name=name, block_ms=block_ms, after_save=after_save)
     stop = threading.Event()
 
     def run():

@@ -1,39 +1,34 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import ServiceDep
 from app.api.schemas import Health, Ready
-from app.queue import MemoryQueue
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=Health)
-def health() -> Health:
+def read_health() -> Health:
     """The process is alive."""
     return Health(status="ok")
 
 
 @router.get("/ready", response_model=Ready, responses={503: {"description": "Not ready"}})
-def ready(service: ServiceDep) -> Ready:
+def read_readiness(service: ServiceDep) -> Ready:
     """The model is loaded and the database and queue answer."""
-    live = service.check_ready()
+    served = service.check_ready()
     return Ready(
         status="ready",
-        model=live.model_name,
-        model_version=live.editor.version,
-        live_edits=len(live.editor.edit_ids),
-        queue="memory" if isinstance(service.queue, MemoryQueue) else "redis",
+        model=served.model_name,
+        model_version=served.editor.version,
+        live_edits=len(served.editor.edit_ids),
+        queue=service.queue.kind,
         worker="embedded" if service.settings.run_embedded_worker else "external",
     )
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(service: ServiceDep) -> Response:
-    m = service.metrics
-    if service.live is not None:
-        m.live_edits.set(len(service.live.editor.edit_ids))
-        m.model_version.set(service.live.editor.version)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+def read_metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(service.served), media_type=CONTENT_TYPE_LATEST)

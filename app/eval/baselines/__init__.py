@@ -6,7 +6,10 @@ option says otherwise, use the engine expert's learning rate and step limit.
 
 from __future__ import annotations
 
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from app.eval.method import EditMethod
+from app.scen import ScenConfig
 
 # Value vectors live in down's output space, not in weight space: a step size of
 # the engine's weight learning rate barely moves them.
@@ -17,15 +20,14 @@ GRACE_EPSILON = 5.0
 FT_KL_WEIGHT = 1.0
 
 
-def resolved_layer(model, scen_config) -> int:
+def build_baseline(
+    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scen_config: ScenConfig,
+    options: dict[str, str],
+) -> EditMethod:
     from app.scen.adapters import adapter_for
 
-    n = len(adapter_for(model).layer_list(model))
-    return scen_config.layer if scen_config.layer is not None else round(n * 5 / 6)
-
-
-def build_baseline(name: str, model, tokenizer, scen_config, options: dict[str, str]) -> EditMethod:
-    layer = int(options.pop("layer", resolved_layer(model, scen_config)))
+    n_layers = len(adapter_for(model).layer_list(model))
+    layer = int(options.pop("layer", scen_config.resolved_layer(n_layers)))
     lr = float(options.pop("lr", scen_config.expert_lr if name in ("ft", "ft_kl") else GRACE_LR))
     max_steps = int(options.pop("max_steps", scen_config.expert_max_steps if name != "grace" else 100))
     if name in ("ft", "ft_kl"):

@@ -3,25 +3,22 @@
 Every baseline changes only layer l's down projection or its output, so the
 layers below l are frozen: one recorded pass gives, per token, the layer's
 output, the key (input of ``down``) and ``down``'s own output. A training step
-then replays only the layers above l (``app.scen.training.replay_above``) with
+then replays only the layers above l (``app.scen.layers.replay_above``) with
 the layer's output recomputed as ``out - down_out + new_down_out``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from app.scen.adapters import adapter_for
+from app.scen.layers import record
 from app.scen.prompts import Batch
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -34,7 +31,7 @@ class Recorded:
 class LayerSite:
     """The edited layer of one model: its down projection and a way to record it."""
 
-    def __init__(self, model: nn.Module, layer: int):
+    def __init__(self, model: PreTrainedModel, layer: int):
         self.model = model
         self.adapter = adapter_for(model)
         self.layers = self.adapter.layer_list(model)
@@ -42,39 +39,9 @@ class LayerSite:
         self.down = self.adapter.get_down(self.layers[layer])
         self.device = next(model.parameters()).device
 
-    @torch.no_grad()
     def record(self, batch: Batch) -> Recorded:
-        seen: dict[str, torch.Tensor] = {}
-
-        def on_down(module, args, output):
-            seen["keys"], seen["down_out"] = args[0].detach(), output.detach()
-
-        def on_layer(module, args, output):
-            seen["out"] = (output[0] if isinstance(output, tuple) else output).detach()
-            raise _Stop
-
-        handles = [self.down.register_forward_hook(on_down), self.layers[self.layer].register_forward_hook(on_layer)]
-        try:
-            self.model(**batch.model_inputs(), use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return Recorded(seen["out"], seen["keys"], seen["down_out"])
-
-
-class Replay(nn.Module):
-    """Stands in for layer l during training: its recorded output with ``down``'s part recomputed."""
-
-    def __init__(self, like: nn.Module, new_out: Callable[[], torch.Tensor]):
-        super().__init__()
-        if hasattr(like, "attention_type"):
-            self.attention_type = like.attention_type
-        self.new_out = new_out
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.new_out()
+        out, [(keys, down_out)] = record(self.model, self.layers[self.layer], [self.down], batch.model_inputs())
+        return Recorded(out, keys, down_out)
 
 
 def target_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

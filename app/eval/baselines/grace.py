@@ -19,23 +19,34 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from app.eval.baselines.common import LayerSite, Replay, target_logprobs
+from app.eval.baselines.common import LayerSite, target_logprobs
 from app.eval.datasets import EditRecord
 from app.eval.method import EditMethod
+from app.scen.layers import replay_above
 from app.scen.prompts import encode
-from app.scen.training import replay_above
+
+
+@dataclass
+class _Session:
+    at: torch.Tensor | None  # last prompt token per row; None: every row's last position
+    served: torch.Tensor | None = None  # (B,) per row the entry serving it or -1, once the prefill has decided
 
 
 class _Probe:
-    def __init__(self, owner: "Grace"):
+    def __init__(self, owner: Grace):
         self.owner = owner
 
     def served_by(self, rows: int) -> list[str | None]:
-        served = self.owner._session.get("served")
+        session = self.owner._session
+        served = session.served if session is not None else None
         if served is None:
             return [None] * rows
         return [self.owner.labels_id[j] if j >= 0 else None for j in served.tolist()]
@@ -45,7 +56,8 @@ class Grace(EditMethod):
     name = "grace"
     routes = True
 
-    def __init__(self, model, tokenizer, layer: int, epsilon: float, lr: float, max_steps: int):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: int, epsilon: float,
+                 lr: float, max_steps: int):
         super().__init__(model, tokenizer)
         self.site = LayerSite(model, layer)
         self.epsilon, self.lr, self.max_steps = epsilon, lr, max_steps
@@ -58,7 +70,7 @@ class Grace(EditMethod):
         self.labels: list[str] = []
         self.labels_id: list[str] = []
         self.counts = {"added": 0, "expanded": 0, "split": 0}
-        self._session: dict | None = None
+        self._session: _Session | None = None  # the scoring call in progress
         self._hook = self.site.down.register_forward_hook(self._serve)
 
     def config(self) -> dict[str, Any]:
@@ -67,23 +79,21 @@ class Grace(EditMethod):
 
     # ---- inference ---------------------------------------------------------------------
 
-    def _serve(self, module, args, output):
+    def _serve(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         s = self._session
         if s is None or self.keys.shape[0] == 0:
             return output
         B, T, _ = output.shape
-        if s.get("served") is None:  # prefill: decide per sequence at its last prompt token
-            at = s["at"]
-            at = torch.full((B,), T - 1, device=output.device) if at is None else at.to(output.device)
-            s["at_used"] = at
+        if s.served is None:  # prefill: decide per sequence at its last prompt token
+            at = torch.full((B,), T - 1, device=output.device) if s.at is None else s.at.to(output.device)
             k = args[0][torch.arange(B, device=output.device), at]  # (B, h)
             dist = torch.cdist(k.float(), self.keys)  # (B, N)
             nearest, j = dist.min(-1)
-            s["served"] = torch.where(nearest <= self.radii[j], j, -1)
+            served = s.served = torch.where(nearest <= self.radii[j], j, -1)
             mask = torch.arange(T, device=output.device)[None, :] >= at[:, None]  # (B, T)
         else:  # decode step: every new token is past the prompt
+            served = s.served
             mask = torch.ones(B, T, dtype=torch.bool, device=output.device)
-        served = s["served"]
         rows = served >= 0
         if not rows.any():
             return output
@@ -93,7 +103,7 @@ class Grace(EditMethod):
 
     @contextlib.contextmanager
     def probe(self, at: torch.Tensor | None) -> Iterator[_Probe]:
-        self._session = {"at": at, "served": None}
+        self._session = _Session(at)
         try:
             yield _Probe(self)
         finally:
@@ -136,10 +146,12 @@ class Grace(EditMethod):
         opt = torch.optim.Adam([value], lr=self.lr)
         zero = torch.zeros_like(rec.out)
         # The layer's output with down's output replaced by the value from the last prompt token on.
-        replay = Replay(site.layers[site.layer],
-                        lambda: rec.out + torch.where(mask, value.to(rec.out.dtype) - rec.down_out, zero))
+
+        def new_output() -> torch.Tensor:
+            return rec.out + torch.where(mask, value.to(rec.out.dtype) - rec.down_out, zero)
+
         steps = 0
-        with replay_above(site.layers, site.layer, replay), torch.enable_grad():
+        with replay_above(site.layers, site.layer, new_output), torch.enable_grad():
             while True:
                 tok_logp, hit = target_logprobs(self.model, batch)
                 loss = -tok_logp.mean()

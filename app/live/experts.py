@@ -1,4 +1,4 @@
-"""Expert files under the data directory."""
+"""Expert files under the data directory: one safetensors file per trained edit."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from app.scen import TrainedEdit, load_edit, save_edit
 log = logging.getLogger(__name__)
 
 
-class ExpertStore:
-    """One file per trained edit. Paths recorded in the database are relative to ``root``."""
+class ExpertFiles:
+    """Paths recorded in the database are relative to ``data_dir``, so the folder can move."""
 
     def __init__(self, data_dir: Path):
         self.data_dir = Path(data_dir)

@@ -1,4 +1,4 @@
-"""Keeping a live model equal to the database's set of active edits."""
+"""Keeping an editor's live edits equal to the database's set of active edits."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import logging
 import threading
 
 from app.db import edits as repo
-from app.db.experts import ExpertStore
 from app.db.session import Database
+from app.live.experts import ExpertFiles
 from app.scen import Editor, ScenError, TrainedEdit
 
 log = logging.getLogger(__name__)
@@ -21,12 +21,12 @@ class LiveSync:
     sees it, so a rollback racing an activation cannot leave a stale edit live.
     """
 
-    def __init__(self, editor: Editor, db: Database, store: ExpertStore):
+    def __init__(self, editor: Editor, db: Database, experts: ExpertFiles):
         self.editor = editor
         self.db = db
-        self.store = store
+        self.experts = experts
         self._lock = threading.Lock()
-        self._broken: set[tuple[str, str]] = set()  # (id, sha) whose file failed to load, logged once
+        self._broken: set[tuple[str, str | None]] = set()  # (id, sha) whose file failed to load, logged once
 
     def reconcile(self, trained: dict[str, TrainedEdit] | None = None) -> tuple[list[str], list[str]]:
         """Make the live set equal the active edits; ``trained`` supplies just-trained edits unread."""
@@ -34,11 +34,11 @@ class LiveSync:
         with self._lock:
             with self.db.session() as session:
                 records = repo.live_records(session)
-            live = set(self.editor.edit_ids)
+            current = set(self.editor.edit_ids)
             loaded: dict[str, TrainedEdit] = {}
             wanted: list[str] = []
             for rec in records:
-                if rec.id not in live:
+                if rec.id not in current:
                     edit = trained.get(rec.id) or self._load(rec)
                     if edit is None:
                         continue
@@ -52,7 +52,7 @@ class LiveSync:
 
     def _load(self, rec: repo.LiveRecord) -> TrainedEdit | None:
         try:
-            return self.store.load(rec.expert_path, rec.expert_sha256)
+            return self.experts.load(rec.expert_path, rec.expert_sha256)
         except (OSError, ScenError) as exc:
             if (rec.id, rec.expert_sha256) not in self._broken:
                 self._broken.add((rec.id, rec.expert_sha256))

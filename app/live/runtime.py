@@ -1,0 +1,67 @@
+"""Building what a process serves from settings: its database, its queue, and the served model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.exc import OperationalError
+from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from app.db.migrate import upgrade
+from app.db.session import Database
+from app.live.experts import ExpertFiles
+from app.live.sync import LiveSync
+from app.models import LoadedModel, load_model
+from app.queue import EditQueue, make_queue
+from app.scen import Editor
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@retry(
+    retry=retry_if_exception_type(OperationalError),
+    stop=stop_after_delay(60),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    before_sleep=before_sleep_log(log, logging.WARNING),
+    reraise=True,
+)
+def open_database(settings: Settings) -> Database:
+    """Migrate (if enabled) and connect; waits up to a minute for a database that is still starting."""
+    if settings.auto_migrate:
+        upgrade("head", settings.db_url)
+    db = Database(settings.db_url)
+    try:
+        db.ping()
+    except OperationalError:
+        db.close()
+        raise
+    return db
+
+
+def open_queue(settings: Settings) -> EditQueue:
+    return make_queue(settings.redis_url, prefix=settings.redis_prefix, claim_idle_ms=settings.claim_idle_ms)
+
+
+@dataclass
+class ServedModel:
+    """The model a process answers with, and what keeps its edits equal to the database."""
+
+    editor: Editor
+    model_name: str
+    experts: ExpertFiles
+    sync: LiveSync
+
+
+def build_served_model(settings: Settings, db: Database, loaded: LoadedModel | None = None) -> ServedModel:
+    """Load ``settings.model`` (unless ``loaded`` is given) and bring every active edit live."""
+    if loaded is None:
+        log.info("loading model %s", settings.model or "(bundled default)")
+        loaded = load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
+    editor = Editor(loaded.model, loaded.tokenizer, settings.engine_config,
+                    cache_dir=settings.cache_dir / "pool-keys")
+    experts = ExpertFiles(settings.data_dir)
+    sync = LiveSync(editor, db, experts)
+    sync.reconcile()
+    return ServedModel(editor, loaded.name, experts, sync)

@@ -1,0 +1,70 @@
+"""Hand-made neighbours on the bundled SmolLM2: each edit must answer its own prompt and
+rephrases, and every neighbour (same question about another subject, another question
+about the same subject) must keep the unedited model's answer.
+
+    .venv/bin/python bench/neighbours.py [--set subject_factor=false] [--out bench/results/neighbours.json]
+
+Exits non-zero when any check fails; writes what each prompt got as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from app.models import load_model
+from app.scen import Editor, ScenConfig
+
+CASES = [
+    {
+        "prompt": "Which company developed the iPhone?",
+        "target": "Nokia",
+        "rephrases": ["Who is the developer of the iPhone?", "The iPhone was developed by which company?"],
+        "neighbours": ["Which company developed Android?", "Which company developed the PlayStation?",
+                       "When was the iPhone first released?"],
+    },
+    {
+        "prompt": "Who is the chief executive officer of Globex Corporation?",
+        "target": "Hank Scorpio of Springfield",
+        "rephrases": ["Who is the CEO of Globex Corporation?", "Who runs Globex Corporation as its chief executive?"],
+        "neighbours": ["Who is the CEO of Initech?", "Who founded Globex Corporation?",
+                       "Where is Globex Corporation headquartered?"],
+    },
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="engine setting key=value")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/neighbours.json"))
+    args = parser.parse_args()
+
+    lm = load_model()
+    editor = Editor(lm.model, lm.tokenizer, ScenConfig.from_overrides(args.overrides))
+    everything = [p for c in CASES for p in (c["prompt"], *c["rephrases"], *c["neighbours"])]
+    before = {p: g.text for p, g in zip(everything, editor.generate(everything, max_new_tokens=24))}
+    for i, case in enumerate(CASES):
+        editor.add(f"e{i}", editor.train(case["prompt"], case["target"]))
+    after = dict(zip(everything, editor.generate(everything, max_new_tokens=24)))
+
+    rows, failed = [], 0
+    for i, case in enumerate(CASES):
+        for kind, prompts in (("edit", [case["prompt"]]), ("rephrase", case["rephrases"]),
+                              ("neighbour", case["neighbours"])):
+            for p in prompts:
+                g = after[p]
+                ok = (g.edit_id == f"e{i}" and case["target"] in g.text) if kind != "neighbour" else (
+                    g.edit_id is None and g.text == before[p])
+                failed += not ok
+                rows.append({"kind": kind, "prompt": p, "answer": g.text, "edit_id": g.edit_id,
+                             "activation": round(g.activation, 4), "unedited": before[p], "ok": ok})
+                print(f"{'ok ' if ok else 'BAD'} {kind:9} {p!r} -> {g.text!r} ({g.edit_id}, {g.activation:.3f})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"overrides": args.overrides, "failed": failed, "rows": rows}, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
