@@ -105,10 +105,6 @@ class GenerateBatcher:
 
     def _generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
                   seed: int | None) -> tuple[list[Generation], int]:
-        # The version must be the one that answered: a reconcile between reading it and generating
-        # would report an older model. The editor has no call that returns both, so hold its
-        # (reentrant) lock across the two.
-        with self.editor._lock:
-            results = self.editor.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                           seed=seed)
-            return results, self.editor.version
+        results = self.editor.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        # Each generation carries the live version that answered it; one batch runs under one lock.
+        return results, results[0].model_version

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.eval.datasets import EditRecord
 from app.eval.scoring import Probe
+from app.scen.prompts import Batch
 
 
 class EditMethod:
@@ -32,9 +33,9 @@ class EditMethod:
         """Edit the model so it answers ``record.prompt`` with ``record.target``; returns training metrics."""
         raise NotImplementedError
 
-    def probe(self, at: torch.Tensor | None) -> AbstractContextManager[Probe | None]:
-        """Context around one scoring forward pass or ``generate`` call; ``at`` = last prompt token per row
-        (None: every row's last position, as in a prompt-only batch)."""
+    def probe(self, batch: Batch) -> AbstractContextManager[Probe | None]:
+        """Context around one scoring forward pass or ``generate`` call on ``batch`` (its
+        ``prompt_last``: where each row's prompt ends; ``content``: the user's text)."""
         return _nothing()
 
     def config(self) -> dict[str, Any]:

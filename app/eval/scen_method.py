@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from app.eval.datasets import EditRecord
 from app.eval.method import EditMethod
 from app.scen import Editor, Route, ScenConfig
+from app.scen.prompts import Batch
 
 
 class _RoutingProbe:
@@ -42,7 +43,10 @@ class ScenMethod(EditMethod):
         start = time.perf_counter()
         # Training on the rephrases would leak the generality test set into the edit.
         rephrases = record.rephrases if self.use_rephrases else ()
-        trained = self.editor.train(record.prompt, record.target, rephrases)
+        # The data's subject, as locate-then-edit methods use it; inferred where it is missing
+        # or not written in the prompt as given.
+        subject = record.subject if record.subject and record.subject.casefold() in record.prompt.casefold() else None
+        trained = self.editor.train(record.prompt, record.target, rephrases, subject=subject)
         self.editor.add(edit_id, trained)
         m = trained.metrics
         return {
@@ -54,8 +58,8 @@ class ScenMethod(EditMethod):
         }
 
     @contextlib.contextmanager
-    def probe(self, at: torch.Tensor | None) -> Iterator[_RoutingProbe]:
-        with self.editor.routing(at=at) as routes_of:
+    def probe(self, batch: Batch) -> Iterator[_RoutingProbe]:
+        with self.editor.routing(at=batch.prompt_last, content=batch.content) as routes_of:
             yield _RoutingProbe(routes_of)
 
     def config(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
-from app.scen.prompts import encode, target_ids
+from app.scen.prompts import Batch, encode, target_ids
 
 
 class Probe(Protocol):
@@ -27,7 +27,7 @@ class Probe(Protocol):
         """Per row of the batch just run: the edit that served it, None for the base model."""
 
 
-ProbeFactory = Callable[[torch.Tensor | None], AbstractContextManager[Probe | None]]
+ProbeFactory = Callable[[Batch], AbstractContextManager[Probe | None]]
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Generated:
 
 
 @contextlib.contextmanager
-def no_probe(at: torch.Tensor | None) -> Iterator[None]:
+def no_probe(batch: Batch) -> Iterator[None]:
     yield None
 
 
@@ -73,7 +73,7 @@ def teacher_forced(
         idx = order[start : start + batch_size]
         batch = encode(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
         n = max(len(t) for t in batch.targets)
-        with probe(batch.prompt_last) as p:
+        with probe(batch) as p:
             logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=n + 1).logits[:, :n]  # (B, n, V)
             served = p.served_by(len(idx)) if p is not None else [None] * len(idx)
         logp = F.log_softmax(logits.float(), dim=-1)
@@ -114,7 +114,7 @@ def greedy(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = encode(tokenizer, [prompts[i] for i in idx]).to(device)
-        with probe(None) as p:
+        with probe(batch) as p:
             out = model.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

@@ -37,7 +37,8 @@ class FFNAdapter:
 
     def down_weight(self, down: nn.Module) -> torch.Tensor:
         """The down projection as a Linear weight, shape (d_model, h)."""
-        return down.weight.T if self.conv1d else down.weight
+        weight: torch.Tensor = down.weight  # type: ignore[assignment]  # nn.Module attributes are untyped
+        return weight.T if self.conv1d else weight
 
 
 _GATED = FFNAdapter("gated", "model.layers", "mlp.down_proj")

@@ -244,7 +244,7 @@ class Editor:
                 with self.routing(content=batch.content) as routes_of:
                     if seed is not None:
                         torch.manual_seed(seed)
-                    out = self.model.generate(
+                    out = self.model.generate(  # type: ignore[operator]  # GenerationMixin, untyped in torch
                         input_ids=batch.input_ids,
                         attention_mask=batch.attention_mask,
                         max_new_tokens=max_new_tokens,

@@ -33,7 +33,7 @@ def fingerprint(model: nn.Module, rows: Sequence[Sequence[int]], layers: str) ->
     h = hashlib.sha256(f"{VERSION}|layers={layers}|rows={[list(r) for r in rows]}".encode())
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         h.update(f"|{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
-        h.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        h.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

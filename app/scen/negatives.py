@@ -39,7 +39,12 @@ def other_subjects(prompt: str, subject: str, n: int, rng: random.Random) -> lis
     """``prompt`` with every occurrence of ``subject`` replaced by another entity, ``n`` times."""
     names = [e for e in _lines("entities.txt") if e.casefold() != subject.casefold()]
     pattern = re.compile(re.escape(subject), re.IGNORECASE)
-    return [pattern.sub(lambda _, name=name: name, prompt) for name in rng.sample(names, min(n, len(names)))]
+    # Names are inserted literally: a replacement string would read backslashes as escapes.
+    return [pattern.sub(_literal(name), prompt) for name in rng.sample(names, min(n, len(names)))]
+
+
+def _literal(text: str):
+    return lambda _match: text
 
 
 def other_relations(subject: str, n: int, rng: random.Random) -> list[str]:

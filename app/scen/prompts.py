@@ -21,9 +21,10 @@ from app.scen.errors import InvalidEditError
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
+        return str(text)
     return prompt
 
 

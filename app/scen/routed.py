@@ -58,6 +58,9 @@ class KeyNorm(nn.Module):
     do not.
     """
 
+    center: torch.Tensor
+    whiten: torch.Tensor
+
     def __init__(self, h: int, device: torch.device | None = None):
         super().__init__()
         self.register_buffer("center", torch.zeros(h, device=device))  # (h,)
@@ -103,6 +106,12 @@ class Router(nn.Module):
     later correction of the same fact takes over from the one it corrects, and
     rolling the correction back brings the older edit back.
     """
+
+    subject_w: torch.Tensor
+    subject_b: torch.Tensor
+    relation_w: torch.Tensor
+    relation_b: torch.Tensor
+    overrides: torch.Tensor
 
     def __init__(self, h_subject: int, h: int, theta: float, device: torch.device | None = None):
         super().__init__()

@@ -195,3 +195,26 @@ def test_rephrases_train_the_expert_and_report_activations():
     assert len(edit.metrics["rephrase_activations"]) == 1 and edit.keys.shape[0] == 2
     editor.add("e0", edit)
     assert token_accuracy(editor, "Which city is the capital of France?", "Rome") == 1.0
+
+
+def test_a_newer_correction_of_the_same_prompt_takes_over_and_rollback_restores_the_older():
+    editor = make_editor()
+    prompt = EDITS[0][0]
+    editor.add("old", editor.train(prompt, "Rome"))
+    newer = editor.train(prompt, "Madrid")
+    assert newer.metrics["fires_on_prompt"] == ["old"]
+    editor.add("new", newer)
+    gen = editor.generate([prompt], max_new_tokens=8)[0]
+    assert (gen.text, gen.edit_id) == ("Madrid", "new")
+    editor.remove("new")
+    gen = editor.generate([prompt], max_new_tokens=8)[0]
+    assert (gen.text, gen.edit_id) == ("Rome", "old")
+
+
+def test_subject_is_located_or_inferred_and_a_missing_one_is_refused():
+    editor = make_editor()
+    given = editor.train("Who wrote Hamlet?", "Dickens", subject="Hamlet")
+    inferred = editor.train("Who wrote Hamlet?", "Dickens")
+    assert given.subject == inferred.subject == "Hamlet"
+    with pytest.raises(InvalidEditError, match="subject 'Macbeth' does not occur in the prompt"):
+        editor.train("Who wrote Hamlet?", "Dickens", subject="Macbeth")

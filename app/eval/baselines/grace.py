@@ -31,7 +31,7 @@ from app.eval.baselines.common import LayerSite, target_logprobs
 from app.eval.datasets import EditRecord
 from app.eval.method import EditMethod
 from app.scen.layers import replay_above
-from app.scen.prompts import encode
+from app.scen.prompts import Batch, encode
 
 
 @dataclass
@@ -102,8 +102,8 @@ class Grace(EditMethod):
         return torch.where(mask[..., None], value, output)
 
     @contextlib.contextmanager
-    def probe(self, at: torch.Tensor | None) -> Iterator[_Probe]:
-        self._session = _Session(at)
+    def probe(self, batch: Batch) -> Iterator[_Probe]:
+        self._session = _Session(batch.prompt_last)
         try:
             yield _Probe(self)
         finally:
