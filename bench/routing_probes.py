@@ -1,73 +1,114 @@
-"""Routing-only experiment: neurons trained sequentially (experts skipped), routed rates measured."""
-import json, random, re, sys, time
+"""Where edits route, without training experts: neurons trained sequentially on N records, then
+the share of prompts routed per kind.
+
+    .venv/bin/python bench/routing_probes.py --edits 100 --tag two_factor [--set key=value ...]
+
+Per data file (seeded shuffle, seed 0): the edit prompt routed to its own edit, each rephrase
+routed to its own edit, locality prompts routed to any edit, and two hard-negative probe sets
+built from the data itself:
+  * other subject: the edit prompt with its subject replaced by the subject of a record that
+    was not edited (same template, another entity);
+  * same subject: another record's prompt (word overlap of the two templates below 0.3) with
+    that record's subject replaced by the edit's subject (another question about it).
+Routing needs no expert, so experts are skipped (``expert_max_steps=0``); the routed rates are
+those the full engine has. Results go to bench/results/routing_probes/<tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
 import torch
+
+from app.eval.datasets import EditRecord, load_dataset
 from app.models import load_model
 from app.scen import Editor, ScenConfig
-from app.eval.datasets import load_dataset
 
-def words(text, subject):
-    return set(re.findall(r"\w+", re.sub(re.escape(subject), " ", text, flags=re.I).lower()))
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FILES = ["zsre_mend_train_1k.json", "counterfact_dev_2k.json"]
 
-def probes(records, held, rng):
-    other_subj, same_subj = [], []
-    for i, r in enumerate(records):
-        o = rng.choice(held)
-        pat = re.compile(re.escape(r.subject), re.I)
-        if pat.search(r.prompt) and o.subject.lower() != r.subject.lower():
-            other_subj.append((i, pat.sub(lambda _: o.subject, r.prompt)))
+
+def _template_words(record: EditRecord) -> set[str]:
+    assert record.subject is not None
+    return set(re.findall(r"\w+", re.sub(re.escape(record.subject), " ", record.prompt, flags=re.I).lower()))
+
+
+def _swap(prompt: str, old: str, new: str) -> str | None:
+    pattern = re.compile(re.escape(old), re.I)
+    return pattern.sub(lambda _: new, prompt) if pattern.search(prompt) and old.lower() != new.lower() else None
+
+
+def probes(edited: list[EditRecord], held: list[EditRecord], rng: random.Random):
+    other_subject, same_subject = [], []
+    for r in edited:
+        assert r.subject is not None
+        swapped = _swap(r.prompt, r.subject, rng.choice(held).subject or "")
+        if swapped:
+            other_subject.append(swapped)
         for _ in range(20):
-            o = rng.choice(held + records)
-            a, b = words(r.prompt, r.subject), words(o.prompt, o.subject)
+            o = rng.choice(held + edited)
+            a, b = _template_words(r), _template_words(o)
             if len(a & b) / max(1, len(a | b)) < 0.3:
                 break
-        pat2 = re.compile(re.escape(o.subject), re.I)
-        if pat2.search(o.prompt) and o.subject.lower() != r.subject.lower():
-            same_subj.append((i, pat2.sub(lambda _: r.subject, o.prompt)))
-    return other_subj, same_subj
+        swapped = _swap(o.prompt, o.subject or "", r.subject)
+        if swapped:
+            same_subject.append(swapped)
+    return other_subject, same_subject
 
-def main(n, overrides, use_subject=True):
+
+def measure(lm, path: Path, n: int, config: ScenConfig) -> dict[str, float]:
+    records = [r for r in load_dataset(path).records if r.editable and r.subject]
+    random.Random(0).shuffle(records)
+    edited, held = records[:n], records[n : n + 300]
+    editor = Editor(lm.model, lm.tokenizer, config)
+    start = time.perf_counter()
+    for i, r in enumerate(edited):
+        editor.add(f"e{i}", editor.train(r.prompt, r.target, subject=r.subject))
+    seconds = (time.perf_counter() - start) / n
+
+    def routed(prompts: list[str]) -> torch.Tensor:  # (n,) routed slot, -1 = base
+        with torch.no_grad():
+            return torch.tensor([-1 if g.edit_id is None else int(g.edit_id[1:])
+                                 for g in editor.generate(prompts, max_new_tokens=1)])
+
+    own = routed([r.prompt for r in edited])
+    rephrases = [(i, p) for i, r in enumerate(edited) for p in r.rephrases]
+    reph = routed([p for _, p in rephrases])
+    loc = routed([p for r in edited for p, _ in r.locality])
+    other, same = probes(edited, held, random.Random(1))
+    editor.detach()
+    return {
+        "prompt_routed_own": (own == torch.arange(n)).float().mean().item(),
+        "rephrase_routed_own": sum(int(x) == i for (i, _), x in zip(rephrases, reph.tolist())) / len(rephrases),
+        "locality_routed": (loc >= 0).float().mean().item(),
+        "probe_other_subject_routed": (routed(other) >= 0).float().mean().item(),
+        "probe_same_subject_routed": (routed(same) >= 0).float().mean().item(),
+        "neuron_seconds_per_edit": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--tag", default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args()
+    config = ScenConfig.from_overrides([*args.overrides, "expert_max_steps=0"])
     lm = load_model()
-    cfg = ScenConfig.from_overrides(overrides + ["expert_max_steps=0"])
-    out = {}
-    for path in ["/work/shared/data/zsre_mend_train_1k.json", "/work/shared/data/counterfact_dev_2k.json"]:
-        ds = load_dataset(path)
-        recs = [r for r in ds.records if r.editable and r.subject]
-        random.Random(0).shuffle(recs)
-        held = recs[n:n + 300]
-        recs = recs[:n]
-        ed = Editor(lm.model, lm.tokenizer, cfg, cache_dir="/root/.cache/scen/pool-keys")
-        t = time.time()
-        for i, r in enumerate(recs):
-            ed.add(f"e{i}", ed.train(r.prompt, r.target, subject=r.subject if use_subject else None))
-        secs = (time.time() - t) / n
-        th = cfg.theta
-        def routed(prompts):
-            a = ed.activations(prompts)
-            above = a > th
-            newest = torch.where(above, torch.arange(a.shape[1]), -1).amax(-1)
-            return newest
-        rel = routed([r.prompt for r in recs])
-        reph = [(i, p) for i, r in enumerate(recs) for p in r.rephrases]
-        rr = routed([p for _, p in reph])
-        loc = [(i, p) for i, r in enumerate(recs) for p, _ in r.locality]
-        lr = routed([p for _, p in loc])
-        os_, ss_ = probes(recs, held, random.Random(1))
-        osr = routed([p for _, p in os_]); ssr = routed([p for _, p in ss_])
-        res = {
-            "rel_own": (rel == torch.arange(n)).float().mean().item(),
-            "reph_own": sum(int(x) == i for (i, _), x in zip(reph, rr.tolist())) / len(reph),
-            "loc_routed": (lr >= 0).float().mean().item(),
-            "probe_other_subject_routed": (osr >= 0).float().mean().item(),
-            "probe_same_subject_routed": (ssr >= 0).float().mean().item(),
-            "train_s_per_edit_no_expert": secs,
-        }
-        out[path.split("/")[-1]] = res
-        ed.detach()
-        print(path.split("/")[-1], {k: round(v, 3) for k, v in res.items()}, flush=True)
-    return out
+    results = {}
+    for name in FILES:
+        results[name] = measure(lm, args.data / name, args.edits, config)
+        print(name, {k: round(v, 3) for k, v in results[name].items()}, flush=True)
+    out = Path("bench/results/routing_probes") / f"{args.tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"edits": args.edits, "overrides": args.overrides, "results": results}, indent=1))
+
 
 if __name__ == "__main__":
-    n = int(sys.argv[1]); tag = sys.argv[2]; ov = sys.argv[3:]
-    use_subject = "nosubject" not in tag
-    res = main(n, ov, use_subject)
-    json.dump({"n": n, "overrides": ov, "results": res}, open(f"/work/runs/exp/{tag}.json", "w"), indent=1)
+    main()
