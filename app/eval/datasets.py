@@ -37,6 +37,8 @@ class EditRecord:
     locality: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer)
     subject: str | None = None
     index: int = 0  # position in the source file
+    true_answer: str | None = None  # the object before the edit (CounterFact's ``ground_truth``)
+    portability: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer) that follow from the edit
 
     @property
     def editable(self) -> bool:
@@ -152,30 +154,37 @@ def _read_zsre_mend(f: _Fields) -> EditRecord:
     )
 
 
-def _read_easyedit(f: _Fields) -> EditRecord:
-    locality: list[tuple[str, str]] = []
-    groups = f.item.get("locality") or {}
+def _named_pairs(f: _Fields, key: str) -> list[tuple[str, str]]:
+    """Every (prompt, answer) of an EasyEdit dict of named lists (``locality``, ``portability``)."""
+    pairs: list[tuple[str, str]] = []
+    groups = f.item.get(key) or {}
     if not isinstance(groups, dict):
-        raise f.fail(f"key 'locality' must be an object of named lists, got {type(groups).__name__}")
+        raise f.fail(f"key {key!r} must be an object of named lists, got {type(groups).__name__}")
     for name, entries in groups.items():
         entries = entries if isinstance(entries, list) else [entries]
         for j, entry in enumerate(entries):
             if not isinstance(entry, dict) or "prompt" not in entry:
-                raise f.fail(f"locality[{name!r}][{j}] must be an object with 'prompt' and 'ground_truth'")
+                raise f.fail(f"{key}[{name!r}][{j}] must be an object with 'prompt' and 'ground_truth'")
             prompts = entry["prompt"] if isinstance(entry["prompt"], list) else [entry["prompt"]]
             answers = entry.get("ground_truth")
             answers = answers if isinstance(answers, list) and len(prompts) > 1 else [answers]
             for p, a in zip(prompts, answers):
                 p, a = _first_text(p), _first_text(a)
                 if p and p.strip() and a and a.strip():
-                    locality.append((p.strip(), a.strip()))
+                    pairs.append((p.strip(), a.strip()))
+    return pairs
+
+
+def _read_easyedit(f: _Fields) -> EditRecord:
     return EditRecord(
         prompt=f.text("prompt"),
         target=f.text("target_new", allow_empty=True),
         rephrases=f.texts("rephrase_prompt"),
-        locality=locality,
+        locality=_named_pairs(f, "locality"),
         subject=f.optional_text("subject"),
         index=f.index,
+        true_answer=f.optional_text("ground_truth"),
+        portability=_named_pairs(f, "portability"),
     )
 
 
@@ -189,6 +198,7 @@ def _read_flat(f: _Fields) -> EditRecord:
         locality=list(zip(prompts, answers)),
         subject=f.optional_text("subject"),
         index=f.index,
+        true_answer=f.optional_text("ground_truth"),
     )
 
 

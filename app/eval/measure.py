@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 from app.eval import metrics as M
 from app.eval.datasets import EditRecord
 from app.eval.method import EditMethod
+from app.eval.neighbours import prefers
 from app.eval.plan import EvalPlan
 from app.eval.reference import LocalityItem, Reference, locality_items
-from app.eval.scoring import generation_limit, greedy, teacher_forced
+from app.eval.scoring import Scored, generation_limit, greedy, teacher_forced
 from app.eval.selection import edit_id, sampled
 
 EditItem = tuple[str, str, str]  # (edit id, prompt, target)
@@ -61,6 +62,7 @@ def evaluate(
     else:
         out["locality_routed_rate"] = None
 
+    out |= neighbour_metrics(method, records, reference, plan, s_rel, s_gen, s_loc)
     if generation:
         out |= generation_metrics(method, sampled(records, plan.sample, plan.seed), reference, plan)
     secs = list(edit_seconds)
@@ -75,6 +77,49 @@ def evaluate(
         "eval_seconds": time.perf_counter() - start,
     }
     return out
+
+
+def neighbour_metrics(
+    method: EditMethod, records: Sequence[EditRecord], reference: Reference, plan: EvalPlan,
+    s_rel: Sequence[Scored], s_gen: Sequence[Scored], s_loc: Sequence[Scored],
+) -> dict[str, Any]:
+    """Hard-negative probes routed, CounterFact scores and portability (see ``neighbours``)."""
+    rel, gen, loc = prompt_sets(records)
+    by_id = {edit_id(r): r for r in records}
+    by_index = {r.index: r for r in records}
+    probes = reference.probes.upto(set(by_id))
+    counterfact = all(r.true_answer for r in records)
+    # Each group is scored with the answer it needs; routing is decided by the prompt alone.
+    groups: list[list[tuple[str, str]]] = [
+        [(p, by_id[e].target) for e, p in probes.other_subject],
+        [(p, by_id[e].target) for e, p in probes.same_subject],
+        [(p, by_id[e].true_answer or "") for e, p, _ in rel] if counterfact else [],
+        [(p, by_id[e].true_answer or "") for e, p, _ in gen] if counterfact else [],
+        [(p, by_index[k[0]].target) for k, p, _ in loc] if counterfact else [],
+        [(p, a) for r in records for p, a in r.portability],
+    ]
+    flat = [pair for group in groups for pair in group]
+    scored = iter(_score(method, [p for p, _ in flat], [a for _, a in flat], plan, "neighbours"))
+    other, same, true_rel, true_gen, new_loc, port = ([next(scored) for _ in group] for group in groups)
+    out: dict[str, Any] = {"counts_probes": {"other_subject": len(other), "same_subject": len(same)}}
+    if method.routes:
+        out["probe_other_subject_routed_rate"] = M.rate([s.served_by is not None for s in other])
+        out["probe_same_subject_routed_rate"] = M.rate([s.served_by is not None for s in same])
+    if counterfact:
+        out["cf_efficacy_score"] = M.rate([prefers(a.logprobs, b.logprobs) for a, b in zip(s_rel, true_rel)])
+        out["cf_paraphrase_score"] = M.rate([prefers(a.logprobs, b.logprobs) for a, b in zip(s_gen, true_gen)])
+        out["cf_neighbourhood_score"] = M.rate([prefers(a.logprobs, b.logprobs) for a, b in zip(s_loc, new_loc)])
+    if port:
+        out["portability"] = M.mean([M.token_accuracy(s.predicted, s.target) for s in port])
+    return out
+
+
+def _score(method: EditMethod, prompts: list[str], targets: list[str], plan: EvalPlan, what: str) -> list[Scored]:
+    if not prompts:
+        return []
+    with tqdm(total=len(prompts), desc=f"{method.name}: {what}", leave=False) as bar:
+        return teacher_forced(method.model, method.tokenizer, prompts, targets, probe=method.probe,
+                              batch_size=plan.batch_size, progress=bar.update)
 
 
 def generation_metrics(

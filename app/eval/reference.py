@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.eval import metrics as M
 from app.eval.datasets import EditRecord
+from app.eval.neighbours import Probes
 from app.eval.plan import EvalPlan
 from app.eval.scoring import generation_limit, greedy, teacher_forced
 
@@ -28,6 +29,7 @@ class Reference:
     tokenizer: PreTrainedTokenizerBase | None = None
     batch_size: int = 16
     loc_generated: dict[LocalityKey, str] = field(default_factory=dict)
+    probes: Probes = field(default_factory=lambda: Probes([], []))
 
     def generations(self, items: Sequence[LocalityItem]) -> dict[LocalityKey, str]:
         """The unedited model's greedy generation on locality ``items``, each generated once per run."""

@@ -16,6 +16,12 @@ TABLE_METRICS = [
     ("generation_exact_match_rephrase", "EM reph"),
     ("generation_locality_unchanged", "loc gen same"),
     ("locality_routed_rate", "loc routed"),
+    ("probe_other_subject_routed_rate", "other-subj routed"),
+    ("probe_same_subject_routed_rate", "same-subj routed"),
+    ("cf_efficacy_score", "CF eff"),
+    ("cf_paraphrase_score", "CF para"),
+    ("cf_neighbourhood_score", "CF nbhd"),
+    ("portability", "port"),
     ("target_perplexity", "ppl"),
     ("seconds_per_edit_p50", "s/edit p50"),
     ("seconds_per_edit_p95", "s/edit p95"),
@@ -33,6 +39,8 @@ def fmt(value: Any) -> str:
 def metrics_table(
     methods: dict[str, dict[str, Any]], columns: Sequence[tuple[str, str]] = TABLE_METRICS
 ) -> list[list[str]]:
+    # A metric no method has (CounterFact scores on ZsRE, say) gets no column.
+    columns = [(key, label) for key, label in columns if any(m.get(key) is not None for m in methods.values())]
     rows = [["method"] + [label for _, label in columns]]
     for name, m in methods.items():
         rows.append([name] + [fmt(m.get(key)) for key, _ in columns])

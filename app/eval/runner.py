@@ -22,6 +22,7 @@ from app.eval.datasets import EditRecord, load_dataset
 from app.eval.factory import build_method
 from app.eval.measure import evaluate, routing_snapshot, train_summary
 from app.eval.method import EditMethod
+from app.eval.neighbours import build_probes
 from app.eval.plan import EvalPlan
 from app.eval.reference import Reference, build_reference
 from app.eval.results import Results, load_partial, new_results, write_json
@@ -51,6 +52,9 @@ def run(plan: EvalPlan, lm: LoadedModel | None = None, on_checkpoint: OnCheckpoi
 
     torch.manual_seed(plan.seed)
     reference = build_reference(lm.model, lm.tokenizer, selection.records, plan)
+    chosen = {r.index for r in selection.records}
+    reference.probes = build_probes(selection.records, [r for r in dataset.records if r.index not in chosen],
+                                    plan.seed)
     results["unedited"] = reference.metrics
 
     for name in plan.methods:

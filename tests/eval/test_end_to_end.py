@@ -178,3 +178,40 @@ def test_jobs_run_method_groups_in_processes_and_merge(tmp_path):
     log_text = (out.parent / "parts" / "grace" / "log.txt").read_text()
     assert "editing 2 (seed 0)" in log_text and "grace edits" in log_text
     assert (out.parent / "parts" / "ft" / "results.json").exists()
+
+
+def test_counterfact_scores_probes_and_portability(tmp_path):
+    subjects = ["France", "Hamlet", "Spain", "Cairo", "Egypt", "Paris"]
+    recs = [
+        {"case_id": i, "subject": s, "prompt": f"The capital of {s} is", "target_new": "Rome", "ground_truth": "Paris",
+         "rephrase_prompt": f"{s} has its capital in", "locality_prompt": "The capital of Italy is",
+         "locality_ground_truth": "Rome"}
+        for i, s in enumerate(subjects)
+    ]
+    recs[1]["prompt"] = "Hamlet was written by"  # another question, for the same-subject probes
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(recs))
+    plan = EvalPlan(dataset=path, checkpoints=[3], seed=0, out=tmp_path / "r.json",
+                    overrides=["layer=2", "expert_lr=1e-2"], generation=False)
+    m = run(plan, lm=tiny_model("llama"))["methods"]["scen"]
+    for key in ("cf_efficacy_score", "cf_paraphrase_score", "cf_neighbourhood_score",
+                "probe_other_subject_routed_rate"):
+        assert 0 <= m[key] <= 1, key
+    # Every edited record names its subject and three records are left over: one probe of each kind per edit.
+    assert m["counts_probes"]["other_subject"] == 3
+
+
+def test_portability_is_read_and_scored(tmp_path):
+    recs = [
+        {"subject": s, "prompt": f"Which country is {s} in?", "target_new": "Norway", "ground_truth": ["Canada"],
+         "rephrase_prompt": f"Where is {s}?",
+         "locality": {"Relation_Specificity": [{"prompt": f"The area of {s} is", "ground_truth": ["19 km2"]}]},
+         "portability": {"Reasoning": [{"prompt": f"The capital of the country of {s} is", "ground_truth": ["Oslo"]}]}}
+        for s in ["Lake Ontoria", "Mount Pell"]
+    ]
+    path = tmp_path / "knowedit.json"
+    path.write_text(json.dumps(recs))
+    plan = EvalPlan(dataset=path, checkpoints=[2], seed=0, out=tmp_path / "r.json",
+                    overrides=["layer=2", "expert_lr=1e-2"], generation=False)
+    m = run(plan, lm=tiny_model("llama"))["methods"]["scen"]
+    assert 0 <= m["portability"] <= 1 and 0 <= m["cf_efficacy_score"] <= 1
