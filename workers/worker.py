@@ -140,7 +140,7 @@ class EditWorker:
         try:
             # Every live edit must be a negative of the new neuron.
             self.served.sync.reconcile()
-            trained = self.served.editor.train(edit.prompt, edit.target, tuple(edit.rephrases))
+            trained = self.served.editor.train(edit.prompt, edit.target, tuple(edit.rephrases), subject=edit.subject)
         except ScenError as exc:
             self._give_up(delivery, f"{type(exc).__name__}: {exc}")
             return
@@ -155,20 +155,25 @@ class EditWorker:
 
     def _succeed(self, delivery: Delivery, trained: TrainedEdit, path: str, sha: str) -> None:
         edit_id = delivery.edit_id
+        # The subject it was trained on, given or inferred, is part of the audit record.
+        metrics = _jsonable({**trained.metrics, "subject": trained.subject})
         with self.db.session() as session:
-            won = repo.activate(session, edit_id, _jsonable(trained.metrics), path, sha)
-        if won:
+            activated = repo.activate(session, edit_id, metrics, path, sha)
+        if activated is not None:
             self.served.experts.discard_others(edit_id, keep=path)
             self.served.sync.reconcile({edit_id: trained})
-            log.info("edit %s active (%d steps, %.2fs)", edit_id, trained.metrics.get("steps", -1),
-                     trained.metrics.get("seconds", float("nan")))
+            log.info("edit %s active (%d steps, %.2fs)%s", edit_id, trained.metrics.get("steps", -1),
+                     trained.metrics.get("seconds", float("nan")),
+                     f"; superseded {', '.join(activated.superseded)}" if activated.superseded else "")
         else:
             # Rolled back while training, or another worker finished it first.
             self.served.experts.discard(path)
             log.info("edit %s was finished or cancelled meanwhile; discarded this attempt", edit_id)
         self.queue.ack(delivery)
-        if won:
+        if activated is not None:
             self.queue.publish(EditChanged(edit_id, EditStatus.active).to_dict())
+            for older in activated.superseded:
+                self.queue.publish(EditChanged(older, EditStatus.superseded).to_dict())
 
     def _give_up(self, delivery: Delivery, reason: str) -> None:
         with self.db.session() as session:

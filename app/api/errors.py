@@ -1,4 +1,5 @@
-"""Every error response has the body ``{"error": message, "error_type": kind}``.
+"""Every error response has the body ``{"error": message, "error_type": kind}``, plus
+structured fields where a client needs more than the kind (``edit_id`` of ``duplicate_edit``).
 
 Handlers raise typed exceptions; this module alone maps them to status codes.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.db.edits import EditConflict, EditNotFound, IdempotencyConflict
+from app.db.edits import DuplicateEdit, EditConflict, EditNotFound, IdempotencyConflict
 from app.queue import QueueUnavailable
 from app.scen import InvalidEditError, UnknownEditError
 
@@ -29,6 +30,7 @@ class NotReady(Exception):
 # Most specific first: the first isinstance match wins.
 _MAPPING: list[tuple[type[Exception], int, str]] = [
     (IdempotencyConflict, 409, "idempotency_conflict"),
+    (DuplicateEdit, 409, "duplicate_edit"),
     (EditConflict, 409, "conflict"),
     (EditNotFound, 404, "not_found"),
     (UnknownEditError, 404, "not_found"),
@@ -39,8 +41,15 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
 ]
 
 
-def error_response(status: int, message: str, kind: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": kind}, status_code=status, headers=headers)
+def error_response(status: int, message: str, kind: str, headers: Mapping[str, str] | None = None,
+                   fields: Mapping[str, Any] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": kind, **(fields or {})}, status_code=status,
+                        headers=headers)
+
+
+def _fields(exc: BaseException) -> dict[str, Any]:
+    # The edit a duplicate repeats: the client can read, or roll back, that one.
+    return {"edit_id": exc.edit_id} if isinstance(exc, DuplicateEdit) else {}
 
 
 def _message(exc: BaseException) -> str:
@@ -54,7 +63,7 @@ async def _typed(request: Request, exc: Exception) -> JSONResponse:
             headers = {"Retry-After": "2"} if status == 503 else None
             # Driver messages can carry connection details; say only what kind of failure it was.
             message = "the database is unreachable" if isinstance(exc, OperationalError) else _message(exc)
-            return error_response(status, message, kind, headers)
+            return error_response(status, message, kind, headers, _fields(exc))
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error", "internal_error")
 

@@ -30,11 +30,15 @@ class EditCreate(BaseModel):
     target: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, examples=["Jane Doe"])
     rephrases: list[str] = Field(default_factory=list, max_length=MAX_REPHRASES)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    subject: str | None = Field(
+        default=None, min_length=1, max_length=MAX_TEXT_CHARS, examples=["Acme"],
+        description="The entity the fact is about, as written in the prompt; inferred when absent",
+    )
 
-    @field_validator("prompt", "target")
+    @field_validator("prompt", "target", "subject")
     @classmethod
-    def _blank(cls, value: str) -> str:
-        return _not_blank(value)
+    def _blank(cls, value: str | None) -> str | None:
+        return None if value is None else _not_blank(value)
 
     @field_validator("rephrases")
     @classmethod
@@ -63,6 +67,8 @@ class EditMetrics(BaseModel):
     loss: float | None = None
     activation: float | None = None
     rephrase_activations: list[float] = Field(default_factory=list)
+    # The subject the engine trained on: the one posted, or the one it inferred.
+    subject: str | None = None
 
 
 class EditPublic(BaseModel):
@@ -70,6 +76,8 @@ class EditPublic(BaseModel):
     status: EditStatus
     prompt: str
     target: str
+    # As posted; the subject the engine used is ``metrics.subject``.
+    subject: str | None
     rephrases: list[str]
     metadata: dict[str, Any]
     created_at: datetime
@@ -85,19 +93,21 @@ class EditPublic(BaseModel):
     expert_path: str | None
     expert_sha256: str | None
     error: str | None
+    # The newer edit of the same prompt that replaced this one.
+    superseded_by: str | None
     # Whether the API process that answered routes to this edit right now.
     live: bool
 
     @classmethod
     def of(cls, edit, live_ids: set[str] | frozenset[str] = frozenset()) -> EditPublic:
         return cls(
-            id=edit.id, status=EditStatus(edit.status), prompt=edit.prompt, target=edit.target,
+            id=edit.id, status=EditStatus(edit.status), prompt=edit.prompt, target=edit.target, subject=edit.subject,
             rephrases=list(edit.rephrases or []), metadata=dict(edit.meta or {}),
             created_at=edit.created_at, updated_at=edit.updated_at, started_at=edit.started_at,
             activated_at=edit.activated_at, finished_at=edit.finished_at, rolled_back_at=edit.rolled_back_at,
             attempts=edit.attempts, worker=edit.worker, metrics=EditMetrics(**edit.metrics) if edit.metrics else None,
             expert_path=edit.expert_path, expert_sha256=edit.expert_sha256, error=edit.error,
-            live=edit.id in live_ids,
+            superseded_by=edit.superseded_by, live=edit.id in live_ids,
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -16,6 +16,9 @@ class EditStatus(enum.StrEnum):
     active = "active"
     failed = "failed"
     rolled_back = "rolled_back"
+    # Replaced by a newer active edit of the same prompt (``superseded_by``); rolling that
+    # one back makes this one active again.
+    superseded = "superseded"
 
 
 def utcnow() -> datetime:
@@ -50,6 +53,11 @@ class Edit(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     prompt: Mapped[str] = mapped_column(Text)
     target: Mapped[str] = mapped_column(Text)
+    # The entity the fact is about, as the client wrote it in the prompt; None: the engine infers it.
+    subject: Mapped[str | None] = mapped_column(Text)
+    # sha256 of the normalised prompt (app.db.edits.prompt_key): edits of the same prompt
+    # are found by an indexed equality, whatever the prompt's length.
+    prompt_key: Mapped[str] = mapped_column(String(64), index=True)
     rephrases: Mapped[list] = mapped_column(JSON, default=list)
     # "metadata" is reserved on declarative classes.
     meta: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
@@ -70,3 +78,7 @@ class Edit(Base):
     expert_path: Mapped[str | None] = mapped_column(String(512))
     expert_sha256: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    # The edit whose activation replaced this one. Kept after a rollback of this edit, as a record.
+    superseded_by: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("edits.id", name="fk_edits_superseded_by"), index=True
+    )

@@ -29,7 +29,8 @@ class LiveSync:
         self._broken: set[tuple[str, str | None]] = set()  # (id, sha) whose file failed to load, logged once
 
     def reconcile(self, trained: dict[str, TrainedEdit] | None = None) -> tuple[list[str], list[str]]:
-        """Make the live set equal the active edits; ``trained`` supplies just-trained edits unread."""
+        """Make the live set equal the active edits, in activation order (oldest first);
+        ``trained`` supplies just-trained edits unread."""
         trained = trained or {}
         with self._lock:
             with self.db.session() as session:
@@ -44,11 +45,28 @@ class LiveSync:
                         continue
                     loaded[rec.id] = edit
                 wanted.append(rec.id)
+            behind = self._behind(wanted, current)
+            if behind:
+                # The editor records an edit's overrides against the edits live when it is added,
+                # and appends: an edit coming back (its superseding edit rolled back) behind newer
+                # live ones would lose their overrides of it. Those newer ones go out and come in
+                # again after it. Generations in between see them missing for a moment.
+                for edit_id in behind:
+                    loaded[edit_id] = self.editor.get(edit_id)
+                self.editor.sync([i for i in self.editor.edit_ids if i not in behind], loaded.__getitem__)
             added, removed = self.editor.sync(wanted, loaded.__getitem__)
+        if behind:
+            log.info("re-added %d live edits after the edits restored before them", len(behind))
         if added or removed:
             log.info("live model v%d: +%d -%d edits (%d live)", self.editor.version, len(added), len(removed),
                      len(self.editor.edit_ids))
         return added, removed
+
+    @staticmethod
+    def _behind(wanted: list[str], current: set[str]) -> set[str]:
+        """Live edits that ``wanted`` orders after an edit about to be added."""
+        first_new = next((i for i, edit_id in enumerate(wanted) if edit_id not in current), len(wanted))
+        return {edit_id for edit_id in wanted[first_new:] if edit_id in current}
 
     def _load(self, rec: repo.LiveRecord) -> TrainedEdit | None:
         try:

@@ -18,7 +18,7 @@ class EditChanged:
     TYPE: ClassVar[str] = "edit_changed"
 
     edit_id: str
-    # An ``EditStatus`` value: "active", "failed" or "rolled_back".
+    # An ``EditStatus`` value: "active", "failed", "rolled_back" or "superseded".
     status: str
 
     def to_dict(self) -> dict[str, Any]:

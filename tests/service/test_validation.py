@@ -28,9 +28,14 @@ BAD_EDITS = [
     ({"prompt": "q?", "target": "x", "metadata": {"blob": "y" * 20000}}, "validation_error"),
     ({"prompt": "q?", "target": "x", "colour": "red"}, "validation_error"),
     ({"prompt": 5, "target": "x"}, "validation_error"),
+    ({"prompt": "q?", "target": "x", "subject": ""}, "validation_error"),
+    ({"prompt": "q?", "target": "x", "subject": "  "}, "validation_error"),
+    ({"prompt": "q?", "target": "x", "subject": 3}, "validation_error"),
     # Within the character limit, over the engine's token limit.
     ({"prompt": "q?", "target": "word " * 200}, "invalid_edit"),
     ({"prompt": "q " * 700, "target": "x"}, "invalid_edit"),
+    # The subject must occur in the prompt.
+    ({"prompt": "Who is the CEO of Acme?", "target": "x", "subject": "Globex"}, "invalid_edit"),
 ]
 
 
@@ -43,8 +48,9 @@ def test_bad_edit_is_rejected_and_nothing_written(client, body, kind):
     assert r.json()["error_type"] == kind and r.json()["error"]
     assert set(r.json()) == {"error", "error_type"}
     assert client.get("/edits").json()["total"] == before
-    # The key was not consumed by the rejected request.
-    ok = client.post("/edits", json={"prompt": "q?", "target": "x"}, headers={"Idempotency-Key": key})
+    # The key was not consumed by the rejected request. (A prompt of its own: repeating one
+    # waiting edit would be a duplicate.)
+    ok = client.post("/edits", json={"prompt": f"q {key}?", "target": "x"}, headers={"Idempotency-Key": key})
     assert ok.status_code == 202
 
 

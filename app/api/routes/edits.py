@@ -16,7 +16,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown edit"}
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=EditPublic, dependencies=[Depends(get_served)],
              responses={200: {"description": "Replay of an earlier post with the same Idempotency-Key"},
-                        409: {"description": "Idempotency-Key reused for a different edit"},
+                        409: {"description": "Idempotency-Key reused for a different edit (idempotency_conflict), "
+                                             "or a waiting or active edit already makes this change "
+                                             "(duplicate_edit, with its edit_id)"},
                         422: {"description": "Invalid edit"}, 503: {"description": "Not ready"}})
 def create_edit(
     body: EditCreate,
@@ -24,7 +26,8 @@ def create_edit(
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> EditPublic:
-    """Queue an edit. Training starts within moments; poll ``GET /edits/{id}`` until ``active``."""
+    """Queue an edit. Training starts within moments; poll ``GET /edits/{id}`` until ``active``.
+    Once active it supersedes the active edit of the same prompt, if any."""
     edit, created = edits.create(body, idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -53,5 +56,6 @@ def read_edit(edit_id: str, edits: EditServiceDep) -> EditPublic:
 @router.post("/{edit_id}/rollback", response_model=EditPublic,
              responses={**_ERRORS, 409: {"description": "The edit failed; there is nothing to roll back"}})
 def rollback_edit(edit_id: str, edits: EditServiceDep) -> EditPublic:
-    """Stop routing to an edit at once (or cancel it if not trained yet). Repeating it is harmless."""
+    """Stop routing to an edit at once (or cancel it if not trained yet); the edits it superseded
+    serve again. Repeating it is harmless."""
     return edits.rollback(edit_id)

@@ -21,11 +21,13 @@ class EditService:
         self.session = session
 
     def create(self, body: EditCreate, idempotency_key: str | None) -> tuple[EditPublic, bool]:
-        """Returns (edit, created); a replayed Idempotency-Key returns the earlier edit."""
+        """Returns (edit, created); a replayed Idempotency-Key returns the earlier edit.
+
+        Raises ``DuplicateEdit`` when a waiting or active edit already makes the same change."""
         # Refuse untrainable edits before anything is written.
-        self.service.require_served().editor.validate(body.prompt, body.target, body.rephrases)
+        self.service.require_served().editor.validate(body.prompt, body.target, body.rephrases, body.subject)
         edit, created = repo.create_edit(self.session, body.prompt, body.target, body.rephrases, body.metadata,
-                                         idempotency_key)
+                                         idempotency_key, subject=body.subject)
         if created:
             self._enqueue(edit.id)
         return self._public(edit), created
@@ -49,13 +51,17 @@ class EditService:
         return EditsPublic(items=[EditPublic.of(e, live_ids) for e in items], total=total)
 
     def rollback(self, edit_id: str) -> EditPublic:
-        edit, changed = repo.rollback(self.session, edit_id)
-        if changed:
-            log.info("edit %s rolled back", edit_id)
-            # This process stops routing to it before answering; the others follow the event.
+        """Roll back; the edits it had superseded serve again."""
+        result = repo.rollback(self.session, edit_id)
+        if result.changed:
+            log.info("edit %s rolled back%s", edit_id,
+                     f"; active again: {', '.join(result.restored)}" if result.restored else "")
+            # This process routes as the database says before answering; the others follow the events.
             self.service.reconcile()
             self.service.queue.publish(EditChanged(edit_id, EditStatus.rolled_back).to_dict())
-        return self._public(edit)
+            for restored in result.restored:
+                self.service.queue.publish(EditChanged(restored, EditStatus.active).to_dict())
+        return self._public(result.edit)
 
     def _public(self, edit: Edit) -> EditPublic:
         return EditPublic.of(edit, self.service.live_ids())
