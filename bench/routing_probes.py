@@ -81,8 +81,7 @@ def measure(lm, path: Path, n: int, config: ScenConfig) -> dict[str, float]:
     reph = routed([p for _, p in rephrases])
     loc = routed([p for r in edited for p, _ in r.locality])
     other, same = probes(edited, held, random.Random(1))
-    editor.detach()
-    return {
+    results = {
         "prompt_routed_own": (own == torch.arange(n)).float().mean().item(),
         "rephrase_routed_own": sum(int(x) == i for (i, _), x in zip(rephrases, reph.tolist())) / len(rephrases),
         "locality_routed": (loc >= 0).float().mean().item(),
@@ -90,6 +89,8 @@ def measure(lm, path: Path, n: int, config: ScenConfig) -> dict[str, float]:
         "probe_same_subject_routed": (routed(same) >= 0).float().mean().item(),
         "neuron_seconds_per_edit": seconds,
     }
+    editor.detach()
+    return results
 
 
 def main() -> None:
@@ -98,11 +99,12 @@ def main() -> None:
     parser.add_argument("--tag", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--files", nargs="+", default=FILES)
     args = parser.parse_args()
     config = ScenConfig.from_overrides([*args.overrides, "expert_max_steps=0"])
     lm = load_model()
     results = {}
-    for name in FILES:
+    for name in args.files:
         results[name] = measure(lm, args.data / name, args.edits, config)
         print(name, {k: round(v, 3) for k, v in results[name].items()}, flush=True)
     out = Path("bench/results/routing_probes") / f"{args.tag}.json"

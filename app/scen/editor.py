@@ -299,13 +299,14 @@ class Editor:
                     self.model, self.layers[self.subject_layer], [self._subject_down], batch.model_inputs()
                 )
             parts.append(keys[batch.content])
-        return torch.cat(parts)
+        h_s = self.adapter.down_weight(self._subject_down).shape[1]
+        return torch.cat(parts) if parts else torch.zeros(0, h_s, device=self.device)
 
     def _last_keys(self, prompts: Sequence[str]) -> torch.Tensor:
         """Relation keys (n, h) at the last token of each formatted prompt."""
         parts = [self._record(encode(self.tokenizer, chunk).to(self.device)).keys[:, -1]
                  for chunk in _chunks(prompts, self.batch_size)]
-        return torch.cat(parts)
+        return torch.cat(parts) if parts else self._pool.relation[:0]
 
     def _edit_recording(
         self, batch: Batch, rec: _Recorded, prompt: str, subject: str | None

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from app.scen.config import ScenConfig
 from app.scen.routed import Neuron, Router, RoutingKeys
@@ -117,7 +118,11 @@ def two_factor_neuron(
         *(_unlike(r_norm(e.keys.to(r_pos.device)), r_pos[0], config.synthetic_max_cos) for e in same_subject),
     ])
     ws, bs = train_neuron(s_pos, s_neg, config, generator)
-    wr, br = train_neuron(r_pos, r_neg, config, generator, init_bias=config.relation_init_bias)
+    same_subject_neg = _unlike(r_norm(near.other_relations), r_pos[0], config.synthetic_max_cos)
+    contrast = config.relation_contrast > 0 and len(same_subject_neg) > 0
+    shared = F.normalize(same_subject_neg.mean(0), dim=-1) if contrast else None
+    wr, br = train_neuron(r_pos, r_neg, config, generator, init_bias=config.relation_init_bias, shared=shared,
+                          fire_at=config.relation_contrast)
     return Neuron(ws, bs, wr, br)
 
 
