@@ -1,0 +1,44 @@
+import random
+
+from app.scen import negatives
+from app.scen.prompts import encode, prompt_tokens, subject_positions
+from tests.utils.tiny_models import tiny_tokenizer
+
+
+def test_content_marks_the_users_text_only():
+    tok = tiny_tokenizer()
+    t = prompt_tokens(tok, "Who wrote Hamlet?")
+    text = "".join(tok.decode([i]) for i, c in zip(t.ids, t.content) if c)
+    assert text == "Who wrote Hamlet?"
+    batch = encode(tok, ["Who?", "Who wrote Hamlet?"], ["A", "B"])
+    assert batch.content.sum(1).tolist() == [sum(prompt_tokens(tok, p).content) for p in ["Who?", "Who wrote Hamlet?"]]
+    assert not batch.content[:, -2:].any()  # target and end-of-turn are not the user's text
+
+
+def test_subject_positions_cover_every_occurrence_in_any_case():
+    tok = tiny_tokenizer()
+    t = prompt_tokens(tok, "Hamlet: who wrote hamlet?")
+    spans = subject_positions(t, "Hamlet")
+    assert "".join(tok.decode([t.ids[i]]) for i in spans).lower().count("hamlet") == 2
+    assert subject_positions(t, "Macbeth") == []
+
+
+def test_inferred_subject_is_the_longest_capitalised_name():
+    tok = tiny_tokenizer()
+    for prompt, subject in [
+        ("Which company developed the iPhone?", "iPhone"),
+        ("Christiaan Snouck Hurgronje is affiliated with the religion", "Christiaan Snouck Hurgronje"),
+        ("What is the product made by UniFirst?", "UniFirst"),
+    ]:
+        t = prompt_tokens(tok, prompt)
+        at, text = negatives.infer_subject(t, [0.0] * len(t.ids))
+        assert text == subject and at == subject_positions(t, subject)[-1]
+    t = prompt_tokens(tok, "what river flows through cairo?")
+    novelty = [1.0 if tok.decode([i]).strip() == "cairo" else 0.0 for i in t.ids]
+    if max(novelty):
+        assert negatives.infer_subject(t, novelty)[1] == "cairo"
+
+
+def test_other_subjects_replace_the_subject_literally():
+    out = negatives.other_subjects("Who founded Globex? Globex is big.", "globex", 3, random.Random(0))
+    assert len(out) == 3 and all("Globex" not in p and p.count(" is big.") == 1 for p in out)
