@@ -170,8 +170,8 @@ class Editor:
         with self._lock:
             if edit_id in self._edits:
                 return False
-            # It takes over from the live edits that fired on its prompt when it was trained.
-            overrides = [self._ids.index(i) for i in edit.metrics.get("fires_on_prompt", ()) if i in self._edits]
+            # It takes over from the live edits it was found to cover when it was trained.
+            overrides = [self._ids.index(i) for i in edit.metrics.get("overrides", ()) if i in self._edits]
             self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), overrides)
             self._ids.append(edit_id)
             self._edits[edit_id] = edit
@@ -354,12 +354,23 @@ class Editor:
         a = probe.activations(routing_keys(rec))[:, 0]
         metrics: dict = {"activation": a[0].item(), "rephrase_activations": a[1:].tolist()}
         if self._ids:
-            # Older neurons are not retrained; of those above theta, the newest serves a prompt.
+            # Older neurons are not retrained. One that fires on this prompt while this neuron fires
+            # on its own prompt covers the same fact: this edit overrides it (see Router).
             older = self.routed.router.activations(routing_keys(rec))[0]
             metrics["older_max_activation"] = older.max().item()
-            above = (older > self.config.theta).nonzero().flatten().tolist()
-            metrics["fires_on_prompt"] = [self._ids[i] for i in above]
+            fires = [self._ids[i] for i in (older > self.config.theta).nonzero().flatten().tolist()]
+            metrics["fires_on_prompt"] = fires
+            metrics["overrides"] = [i for i in fires if self._fires_on(probe, self._edits[i])]
         return metrics
+
+    def _fires_on(self, router: Router, edit: TrainedEdit) -> bool:
+        """Whether ``router``'s one neuron fires on ``edit``'s own prompt (its stored keys)."""
+        keys = RoutingKeys(
+            edit.subject_keys[:1, None].to(self.device),  # (1, 1, h_s): the subject's token only
+            torch.ones(1, 1, dtype=torch.bool, device=self.device),
+            edit.keys[:1].to(self.device),
+        )
+        return bool(router.activations(keys)[0, 0] > self.config.theta)
 
     def _pool_keys_cached(self, cache_dir: str | os.PathLike | None) -> PoolKeys:
         prompts = negatives.pool_prompts()

@@ -202,7 +202,7 @@ def test_a_newer_correction_of_the_same_prompt_takes_over_and_rollback_restores_
     prompt = EDITS[0][0]
     editor.add("old", editor.train(prompt, "Rome"))
     newer = editor.train(prompt, "Madrid")
-    assert newer.metrics["fires_on_prompt"] == ["old"]
+    assert newer.metrics["fires_on_prompt"] == newer.metrics["overrides"] == ["old"]
     editor.add("new", newer)
     gen = editor.generate([prompt], max_new_tokens=8)[0]
     assert (gen.text, gen.edit_id) == ("Madrid", "new")
