@@ -29,6 +29,7 @@ from app.scen.indexing import (
     EditRecording,
     Neighbours,
     PoolKeys,
+    fires_on,
     paper_neuron,
     routing_keys,
     subject_positives,
@@ -360,17 +361,8 @@ class Editor:
             metrics["older_max_activation"] = older.max().item()
             fires = [self._ids[i] for i in (older > self.config.theta).nonzero().flatten().tolist()]
             metrics["fires_on_prompt"] = fires
-            metrics["overrides"] = [i for i in fires if self._fires_on(probe, self._edits[i])]
+            metrics["overrides"] = [i for i in fires if fires_on(probe, self._edits[i])]
         return metrics
-
-    def _fires_on(self, router: Router, edit: TrainedEdit) -> bool:
-        """Whether ``router``'s one neuron fires on ``edit``'s own prompt (its stored keys)."""
-        keys = RoutingKeys(
-            edit.subject_keys[:1, None].to(self.device),  # (1, 1, h_s): the subject's token only
-            torch.ones(1, 1, dtype=torch.bool, device=self.device),
-            edit.keys[:1].to(self.device),
-        )
-        return bool(router.activations(keys)[0, 0] > self.config.theta)
 
     def _pool_keys_cached(self, cache_dir: str | os.PathLike | None) -> PoolKeys:
         prompts = negatives.pool_prompts()

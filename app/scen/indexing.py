@@ -133,3 +133,14 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def _unlike(keys: torch.Tensor, anchor: torch.Tensor, max_cos: float) -> torch.Tensor:
     """The normalised ``keys`` less those within ``max_cos`` of ``anchor``."""
     return keys[(keys @ anchor) < max_cos]
+
+
+def fires_on(router: Router, edit: TrainedEdit) -> bool:
+    """Whether ``router``'s first neuron fires on ``edit``'s own prompt, from its stored keys."""
+    device = router.relation_w.device
+    keys = RoutingKeys(
+        edit.subject_keys[:1, None].to(device),  # (1, 1, h_s): the subject's token only
+        torch.ones(1, 1, dtype=torch.bool, device=device),
+        edit.keys[:1].to(device),
+    )
+    return bool(router.activations(keys)[0, 0] > router.theta)
