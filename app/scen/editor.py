@@ -29,7 +29,7 @@ from app.scen.indexing import (
     EditRecording,
     Neighbours,
     PoolKeys,
-    fires_on,
+    asks_the_same,
     paper_neuron,
     routing_keys,
     subject_positives,
@@ -355,13 +355,13 @@ class Editor:
         a = probe.activations(routing_keys(rec))[:, 0]
         metrics: dict = {"activation": a[0].item(), "rephrase_activations": a[1:].tolist()}
         if self._ids:
-            # Older neurons are not retrained. One that fires on this prompt while this neuron fires
-            # on its own prompt covers the same fact: this edit overrides it (see Router).
+            # Older neurons are not retrained. One that fires on this very prompt is a correction
+            # this edit replaces: this edit overrides it (see Router).
             older = self.routed.router.activations(routing_keys(rec))[0]
             metrics["older_max_activation"] = older.max().item()
             fires = [self._ids[i] for i in (older > self.config.theta).nonzero().flatten().tolist()]
             metrics["fires_on_prompt"] = fires
-            metrics["overrides"] = [i for i in fires if fires_on(probe, self._edits[i])]
+            metrics["overrides"] = [i for i in fires if asks_the_same(self.routed.router, rec, self._edits[i])]
         return metrics
 
     def _pool_keys_cached(self, cache_dir: str | os.PathLike | None) -> PoolKeys:

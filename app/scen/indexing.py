@@ -135,12 +135,10 @@ def _unlike(keys: torch.Tensor, anchor: torch.Tensor, max_cos: float) -> torch.T
     return keys[(keys @ anchor) < max_cos]
 
 
-def fires_on(router: Router, edit: TrainedEdit) -> bool:
-    """Whether ``router``'s first neuron fires on ``edit``'s own prompt, from its stored keys."""
-    device = router.relation_w.device
-    keys = RoutingKeys(
-        edit.subject_keys[:1, None].to(device),  # (1, 1, h_s): the subject's token only
-        torch.ones(1, 1, dtype=torch.bool, device=device),
-        edit.keys[:1].to(device),
-    )
-    return bool(router.activations(keys)[0, 0] > router.theta)
+def asks_the_same(router: Router, rec: EditRecording, edit: TrainedEdit, min_cos: float = 0.99) -> bool:
+    """Whether ``edit``'s prompt is, to the router, the prompt recorded in ``rec`` (row 0): their
+    relation keys coincide. Only such an edit is overridden by a newer one: two edits whose
+    neurons merely overlap keep the strongest-neuron rule."""
+    a = router.relation_norm(rec.relation[:1])  # (1, h)
+    b = router.relation_norm(edit.keys[:1].to(a.device))
+    return (a @ b.T).item() >= min_cos
