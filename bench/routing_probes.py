@@ -5,11 +5,7 @@ the share of prompts routed per kind.
 
 Per data file (seeded shuffle, seed 0): the edit prompt routed to its own edit, each rephrase
 routed to its own edit, locality prompts routed to any edit, and two hard-negative probe sets
-built from the data itself:
-  * other subject: the edit prompt with its subject replaced by the subject of a record that
-    was not edited (same template, another entity);
-  * same subject: another record's prompt (word overlap of the two templates below 0.3) with
-    that record's subject replaced by the edit's subject (another question about it).
+built from the data itself, as the evaluation builds them (``app.eval.neighbours``).
 Routing needs no expert, so experts are skipped (``expert_max_steps=0``); the routed rates are
 those the full engine has. Results go to bench/results/routing_probes/<tag>.json.
 """
@@ -19,46 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import time
 from pathlib import Path
 
 import torch
 
-from app.eval.datasets import EditRecord, load_dataset
+from app.eval.datasets import load_dataset
+from app.eval.neighbours import build_probes
 from app.models import load_model
 from app.scen import Editor, ScenConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = ["zsre_mend_train_1k.json", "counterfact_dev_2k.json"]
-
-
-def _template_words(record: EditRecord) -> set[str]:
-    assert record.subject is not None
-    return set(re.findall(r"\w+", re.sub(re.escape(record.subject), " ", record.prompt, flags=re.I).lower()))
-
-
-def _swap(prompt: str, old: str, new: str) -> str | None:
-    pattern = re.compile(re.escape(old), re.I)
-    return pattern.sub(lambda _: new, prompt) if pattern.search(prompt) and old.lower() != new.lower() else None
-
-
-def probes(edited: list[EditRecord], held: list[EditRecord], rng: random.Random):
-    other_subject, same_subject = [], []
-    for r in edited:
-        assert r.subject is not None
-        swapped = _swap(r.prompt, r.subject, rng.choice(held).subject or "")
-        if swapped:
-            other_subject.append(swapped)
-        for _ in range(20):
-            o = rng.choice(held + edited)
-            a, b = _template_words(r), _template_words(o)
-            if len(a & b) / max(1, len(a | b)) < 0.3:
-                break
-        swapped = _swap(o.prompt, o.subject or "", r.subject)
-        if swapped:
-            same_subject.append(swapped)
-    return other_subject, same_subject
 
 
 def measure(lm, path: Path, n: int, config: ScenConfig) -> dict[str, float]:
@@ -80,7 +48,9 @@ def measure(lm, path: Path, n: int, config: ScenConfig) -> dict[str, float]:
     rephrases = [(i, p) for i, r in enumerate(edited) for p in r.rephrases]
     reph = routed([p for _, p in rephrases])
     loc = routed([p for r in edited for p, _ in r.locality])
-    other, same = probes(edited, held, random.Random(1))
+    probes = build_probes(edited, held, seed=0)
+    other = [p for _, p in probes.other_subject]
+    same = [p for _, p in probes.same_subject]
     results = {
         "prompt_routed_own": (own == torch.arange(n)).float().mean().item(),
         "rephrase_routed_own": sum(int(x) == i for (i, _), x in zip(rephrases, reph.tolist())) / len(rephrases),

@@ -62,7 +62,7 @@ def evaluate(
     else:
         out["locality_routed_rate"] = None
 
-    out |= neighbour_metrics(method, records, reference, plan, s_rel, s_gen, s_loc)
+    out |= neighbour_metrics(method, records, reference, plan, (rel, gen, loc), (s_rel, s_gen, s_loc))
     if generation:
         out |= generation_metrics(method, sampled(records, plan.sample, plan.seed), reference, plan)
     secs = list(edit_seconds)
@@ -81,10 +81,13 @@ def evaluate(
 
 def neighbour_metrics(
     method: EditMethod, records: Sequence[EditRecord], reference: Reference, plan: EvalPlan,
-    s_rel: Sequence[Scored], s_gen: Sequence[Scored], s_loc: Sequence[Scored],
+    sets: tuple[list[EditItem], list[EditItem], list[LocalityItem]],
+    scored_sets: tuple[Sequence[Scored], Sequence[Scored], Sequence[Scored]],
 ) -> dict[str, Any]:
-    """Hard-negative probes routed, CounterFact scores and portability (see ``neighbours``)."""
-    rel, gen, loc = prompt_sets(records)
+    """Hard-negative probes routed, CounterFact scores and portability (see ``neighbours``), given
+    ``prompt_sets(records)`` and their scores with the edits' own answers."""
+    rel, gen, loc = sets
+    s_rel, s_gen, s_loc = scored_sets
     by_id = {edit_id(r): r for r in records}
     by_index = {r.index: r for r in records}
     probes = reference.probes.upto(set(by_id))

@@ -108,6 +108,12 @@ class Editor:
         self._pool = self._pool_keys_cached(cache_dir)
         self.routed.router.subject_norm.fit(self._pool.subject, self.config.key_shrinkage)
         self.routed.router.relation_norm.fit(self._pool.relation, self.config.key_shrinkage)
+        # Every edit trains against the pool: normalise it once.
+        router = self.routed.router
+        self._pool_normal = PoolKeys(
+            router.subject_norm(self._pool.subject), router.relation_norm(self._pool.relation),
+            router.relation_norm(self._pool.questions),
+        )
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -324,27 +330,26 @@ class Editor:
             at = span[-1]
         else:
             norm = self.routed.router.subject_norm
-            pool = norm(self._pool.subject)  # (N_s, h_s)
+            pool = self._pool_normal.subject  # (N_s, h_s)
             keys = norm(rec.subject[0, start : start + len(tokens.ids)])  # (P, h_s)
             novelty = (1 - (keys @ pool.T).amax(-1)).tolist()
             at, subject = negatives.infer_subject(tokens, novelty)
             span = subject_positions(tokens, subject) or [at]
         in_span = torch.zeros(T, dtype=torch.bool, device=self.device)
         in_span[[start + i for i in span]] = True
-        content = batch.content & (torch.arange(T, device=self.device) <= batch.prompt_last[:, None])
-        return EditRecording(rec.subject, content, relation, start + at, in_span), subject
+        return EditRecording(rec.subject, batch.content, relation, start + at, in_span), subject
 
     def _train_neuron(self, rec: EditRecording, prompt: str, subject: str | None):
         router, cfg, earlier = self.routed.router, self.config, list(self._edits.values())
         if not cfg.subject_factor or subject is None:
-            neuron = paper_neuron(router, rec, self._pool, earlier, cfg, self._generator)
+            neuron = paper_neuron(router, rec, self._pool_normal, earlier, cfg, self._generator)
             return neuron, rec.subject[:, rec.subject_at]
         near = Neighbours(
             self._subject_keys(negatives.other_subjects(prompt, subject, cfg.synthetic_subjects, self._rng)),
             self._last_keys(negatives.other_relations(subject, cfg.synthetic_relations, self._rng)),
         )
         subject_keys = subject_positives(router, rec, cfg)
-        neuron = two_factor_neuron(router, rec, subject_keys, self._pool, near, earlier, cfg, self._generator)
+        neuron = two_factor_neuron(router, rec, subject_keys, self._pool_normal, near, earlier, cfg, self._generator)
         return neuron, subject_keys
 
     def _neuron_metrics(self, rec: EditRecording, neuron, subject_keys: torch.Tensor) -> dict:

@@ -36,7 +36,9 @@ _ALWAYS = 30.0
 
 @dataclass
 class PoolKeys:
-    """Raw keys of the ordinary prompts: every text token's subject key, every last token's relation key."""
+    """Keys of the ordinary prompts: every text token's subject key, every last token's relation key.
+
+    The editor keeps them raw (to fit the normalisation) and normalised (what training reads)."""
 
     subject: torch.Tensor  # (N_s, h_s)
     relation: torch.Tensor  # (N, h)
@@ -72,8 +74,10 @@ def paper_neuron(
     router: Router, rec: EditRecording, pool: PoolKeys, earlier: Sequence[TrainedEdit], config: ScenConfig,
     generator: torch.Generator,
 ) -> Neuron:
-    negatives = torch.cat([pool.relation, *(e.keys.to(pool.relation.device) for e in earlier)])
-    w, b = train_neuron(router.relation_norm(rec.relation), router.relation_norm(negatives), config, generator)
+    """``pool``: already normalised."""
+    earlier_keys = [router.relation_norm(e.keys.to(pool.relation.device)) for e in earlier]
+    w, b = train_neuron(router.relation_norm(rec.relation), torch.cat([pool.relation, *earlier_keys]), config,
+                        generator)
     h_s = rec.subject.shape[-1]
     return Neuron(w.new_zeros(h_s), w.new_tensor(_ALWAYS), w, b)
 
@@ -92,7 +96,7 @@ def two_factor_neuron(
     router: Router, rec: EditRecording, subject_keys: torch.Tensor, pool: PoolKeys, near: Neighbours,
     earlier: Sequence[TrainedEdit], config: ScenConfig, generator: torch.Generator,
 ) -> Neuron:
-    """``subject_keys``: from ``subject_positives``."""
+    """``subject_keys``: from ``subject_positives``; ``pool``: already normalised."""
     s_norm, r_norm = router.subject_norm, router.relation_norm
     s_pos = s_norm(subject_keys)  # (R, h_s)
     # A rephrase that does not name the subject (a pronoun, say) gives no subject positive.
@@ -104,21 +108,21 @@ def two_factor_neuron(
     same_subject = [e for e, same in zip(earlier, alike) if same]
     others = [e for e, same in zip(earlier, alike) if not same]
     s_neg = torch.cat([
-        s_norm(pool.subject),
+        pool.subject,
         s_norm(rec.subject[0][own]),
         _unlike(s_norm(near.other_subjects), s_pos[0], config.synthetic_max_cos),
         *(s_norm(e.subject_keys.to(s_pos.device)) for e in others),
     ])
+    same_subject_neg = _unlike(r_norm(near.other_relations), r_pos[0], config.synthetic_max_cos)
     r_neg = torch.cat([
-        r_norm(pool.relation),
-        _unlike(r_norm(pool.questions), r_pos[0], config.synthetic_max_cos),
-        _unlike(r_norm(near.other_relations), r_pos[0], config.synthetic_max_cos),
+        pool.relation,
+        _unlike(pool.questions, r_pos[0], config.synthetic_max_cos),
+        same_subject_neg,
         # An earlier edit of the same subject asking the same question is one this edit
         # supersedes, not a neighbour: it stays out of the negatives.
         *(_unlike(r_norm(e.keys.to(r_pos.device)), r_pos[0], config.synthetic_max_cos) for e in same_subject),
     ])
     ws, bs = train_neuron(s_pos, s_neg, config, generator)
-    same_subject_neg = _unlike(r_norm(near.other_relations), r_pos[0], config.synthetic_max_cos)
     contrast = config.relation_contrast > 0 and len(same_subject_neg) > 0
     shared = F.normalize(same_subject_neg.mean(0), dim=-1) if contrast else None
     wr, br = train_neuron(r_pos, r_neg, config, generator, init_bias=config.relation_init_bias, shared=shared,
