@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.db.edits import DuplicateEdit, EditConflict, EditNotFound, IdempotencyConflict
 from app.queue import QueueUnavailable
@@ -78,8 +79,29 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     http = cast(StarletteHTTPException, exc)
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(http.status_code, "http_error")
-    return error_response(http.status_code, str(http.detail), kind, http.headers)
+    if http.status_code == 400:
+        # FastAPI answers 400 for a body it cannot decode (bad UTF-8, nesting past the parser's
+        # recursion limit); like malformed JSON, that is an invalid request.
+        return error_response(422, "the body is not valid JSON", "validation_error")
+    headers = dict(http.headers or {})
+    if http.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    kind = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(http.status_code, "http_error")
+    return error_response(http.status_code, str(http.detail), kind, headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette names only the first matching
+    route's, and GET /edits and POST /edits are two routes."""
+    allowed = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:

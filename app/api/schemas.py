@@ -1,13 +1,17 @@
-"""Request and response bodies. Limits are declared here, once."""
+"""Request and response bodies. Limits are declared here, once.
+
+Request bodies are strict: a JSON ``false`` is not a seed and ``"8"`` is not a token count.
+"""
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from app.api.inputs import MAX_METADATA_DEPTH, json_problem, shown_metadata, storable_text
 from app.db.models import EditStatus
 
 MAX_TEXT_CHARS = 4000
@@ -15,6 +19,19 @@ MAX_REPHRASES = 16
 MAX_METADATA_BYTES = 16_384
 MAX_NEW_TOKENS = 512
 MAX_LIST_LIMIT = 200
+# Far past any real listing, and within every database's integer range.
+MAX_LIST_OFFSET = 2**31 - 1
+# The largest integer every JSON client (and the OpenAPI schema, which holds it as a float)
+# reads exactly; torch itself takes up to 2**64 - 1.
+MAX_SEED = 2**53 - 1
+# Below this, logits divided by the temperature overflow to inf and sampling breaks;
+# such a temperature is greedy decoding in all but name, which 0 asks for.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 5.0
+
+# What the checks below accept, for the OpenAPI schema: some character other than
+# whitespace, and no NUL.
+_TEXT_PATTERN = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
 
 
 def _not_blank(value: str) -> str:
@@ -23,36 +40,36 @@ def _not_blank(value: str) -> str:
     return value
 
 
-class EditCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# Text a client writes: not blank, and storable in both databases.
+Text = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TEXT_CHARS, json_schema_extra={"pattern": _TEXT_PATTERN}),
+    AfterValidator(storable_text),
+    AfterValidator(_not_blank),
+]
 
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, examples=["Who is the CEO of Acme?"])
-    target: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, examples=["Jane Doe"])
-    rephrases: list[str] = Field(default_factory=list, max_length=MAX_REPHRASES)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    subject: str | None = Field(
-        default=None, min_length=1, max_length=MAX_TEXT_CHARS, examples=["Acme"],
+
+class EditCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Text = Field(examples=["Who is the CEO of Acme?"])
+    target: Text = Field(examples=["Jane Doe"])
+    rephrases: list[Text] = Field(default_factory=list, max_length=MAX_REPHRASES)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Free-form JSON, at most {MAX_METADATA_BYTES} bytes and {MAX_METADATA_DEPTH} levels deep",
+    )
+    subject: Text | None = Field(
+        default=None, examples=["Acme"],
         description="The entity the fact is about, as written in the prompt; inferred when absent",
     )
-
-    @field_validator("prompt", "target", "subject")
-    @classmethod
-    def _blank(cls, value: str | None) -> str | None:
-        return None if value is None else _not_blank(value)
-
-    @field_validator("rephrases")
-    @classmethod
-    def _rephrases(cls, values: list[str]) -> list[str]:
-        for i, value in enumerate(values):
-            if not value.strip():
-                raise ValueError(f"rephrases[{i}] must not be empty or only whitespace")
-            if len(value) > MAX_TEXT_CHARS:
-                raise ValueError(f"rephrases[{i}] has {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
-        return values
 
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict) -> dict:
+        problem = json_problem(value, MAX_METADATA_DEPTH)
+        if problem is not None:
+            raise ValueError(f"metadata {problem}")
         size = len(json.dumps(value))
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
@@ -102,7 +119,7 @@ class EditPublic(BaseModel):
     def of(cls, edit, live_ids: set[str] | frozenset[str] = frozenset()) -> EditPublic:
         return cls(
             id=edit.id, status=EditStatus(edit.status), prompt=edit.prompt, target=edit.target, subject=edit.subject,
-            rephrases=list(edit.rephrases or []), metadata=dict(edit.meta or {}),
+            rephrases=list(edit.rephrases or []), metadata=shown_metadata(edit.meta),
             created_at=edit.created_at, updated_at=edit.updated_at, started_at=edit.started_at,
             activated_at=edit.activated_at, finished_at=edit.finished_at, rolled_back_at=edit.rolled_back_at,
             attempts=edit.attempts, worker=edit.worker, metrics=EditMetrics(**edit.metrics) if edit.metrics else None,
@@ -117,17 +134,22 @@ class EditsPublic(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    prompt: Text
     max_new_tokens: int = Field(default=64, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 = greedy")
-    seed: int | None = Field(default=None, ge=0, description="Sampling seed (temperature > 0)")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+        description=f"0 = greedy; else sampling at {MIN_TEMPERATURE} to {MAX_TEMPERATURE}",
+    )
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Sampling seed (temperature > 0)")
 
-    @field_validator("prompt")
+    @field_validator("temperature")
     @classmethod
-    def _blank(cls, value: str) -> str:
-        return _not_blank(value)
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
 
 class Routing(BaseModel):
