@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # An edit waiting this long with no message in the queue (its API process died between the
     # database commit and the enqueue, or the queue lost its data) is sent again by a worker.
     requeue_after_s: float = Field(default=60.0, gt=0)
+    # A worker that cannot reach the database retries this long, keeping its message, before
+    # leaving the edit to a later delivery: an outage shorter than this costs no delivery.
+    db_retry_seconds: float = Field(default=300.0, gt=0)
     # How often API processes reconcile their live model with the database.
     reconcile_seconds: float = Field(default=10.0, gt=0)
 

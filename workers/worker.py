@@ -16,17 +16,22 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential
 
 from app.db import edits as repo
 from app.db.models import EditStatus, utcnow
-from app.db.session import Database
+from app.db.session import Database, database_unreachable
 from app.live import ServedModel
 from app.queue import Delivery, EditChanged, EditQueue
 from app.scen import ScenError, TrainedEdit
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def worker_name() -> str:
@@ -45,6 +50,7 @@ class EditWorker:
         block_ms: int = 1000,
         after_save: Callable[[str], None] | None = None,
         requeue_after_s: float = 60.0,
+        db_retry_s: float = 300.0,
     ):
         self.served = served
         self.db = db
@@ -57,6 +63,7 @@ class EditWorker:
         # Called between writing the expert file and committing; a fault-injection point.
         self.after_save = after_save
         self.requeue_after_s = requeue_after_s
+        self.db_retry_s = db_retry_s
         self._next_sweep = time.monotonic() + requeue_after_s
 
     def run(self, stop: threading.Event) -> None:
@@ -125,13 +132,36 @@ class EditWorker:
             except Exception as exc:
                 log.warning("heartbeat for edit %s failed: %s", delivery.edit_id, exc)
 
+    def _in_database(self, step: Callable[..., T], *args: Any) -> T:
+        """``step(session, *args)`` in a transaction of its own, run again until the database
+        answers, for up to ``db_retry_s``.
+
+        The heartbeat keeps the message ours meanwhile, so an outage costs no delivery and the
+        edit is finished once the database is back; only a longer one leaves it to a later delivery.
+        Every step is a compare-and-set, so running one again after a commit whose answer was
+        lost changes nothing.
+        """
+        def attempt() -> T:
+            with self.db.session() as session:
+                return step(session, *args)
+
+        return self._until_database_answers(attempt)
+
+    def _until_database_answers(self, call: Callable[[], T]) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception(database_unreachable), stop=stop_after_delay(self.db_retry_s),
+            wait=wait_exponential(multiplier=0.2, max=5), before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+        return retrying(call)
+
     def _handle(self, delivery: Delivery) -> None:
         edit_id = delivery.edit_id
         if delivery.deliveries > self.max_deliveries:
-            self._give_up(delivery, self._abandoned_reason(edit_id, delivery.deliveries - 1))
+            self._give_up(delivery, self._abandoned_reason(edit_id, delivery.deliveries - 1),
+                          attempts=delivery.deliveries - 1)
             return
-        with self.db.session() as session:
-            edit = repo.start_training(session, edit_id, delivery.deliveries, self.name)
+        edit = self._in_database(repo.start_training, edit_id, delivery.deliveries, self.name)
         if edit is None:
             log.info("edit %s is no longer waiting (cancelled, finished or unknown); skipping", edit_id)
             self.queue.ack(delivery)
@@ -139,7 +169,7 @@ class EditWorker:
         log.info("training edit %s (delivery %d)", edit_id, delivery.deliveries)
         try:
             # Every live edit must be a negative of the new neuron.
-            self.served.sync.reconcile()
+            self._until_database_answers(self.served.sync.reconcile)
             trained = self.served.editor.train(edit.prompt, edit.target, tuple(edit.rephrases), subject=edit.subject)
         except ScenError as exc:
             self._give_up(delivery, f"{type(exc).__name__}: {exc}")
@@ -157,11 +187,14 @@ class EditWorker:
         edit_id = delivery.edit_id
         # The subject it was trained on, given or inferred, is part of the audit record.
         metrics = _jsonable({**trained.metrics, "subject": trained.subject})
-        with self.db.session() as session:
-            activated = repo.activate(session, edit_id, metrics, path, sha)
+        activated = self._in_database(repo.activate, edit_id, metrics, path, sha)
+        if activated is None and self._in_database(_activated_with, edit_id, path):
+            # Our commit landed but its answer was lost to an outage; the retry found it done.
+            # (Which edits it superseded is not known any more; the reconcile below follows them.)
+            activated = repo.Activated([])
         if activated is not None:
             self.served.experts.discard_others(edit_id, keep=path)
-            self.served.sync.reconcile({edit_id: trained})
+            self._until_database_answers(lambda: self.served.sync.reconcile({edit_id: trained}))
             log.info("edit %s active (%d steps, %.2fs)%s", edit_id, trained.metrics.get("steps", -1),
                      trained.metrics.get("seconds", float("nan")),
                      f"; superseded {', '.join(activated.superseded)}" if activated.superseded else "")
@@ -175,9 +208,11 @@ class EditWorker:
             for older in activated.superseded:
                 self.queue.publish(EditChanged(older, EditStatus.superseded).to_dict())
 
-    def _give_up(self, delivery: Delivery, reason: str) -> None:
-        with self.db.session() as session:
-            changed = repo.fail(session, delivery.edit_id, reason)
+    def _give_up(self, delivery: Delivery, reason: str, attempts: int | None = None) -> None:
+        changed = self._in_database(repo.fail, delivery.edit_id, reason, attempts)
+        if changed:
+            # A failed edit is never served: files an attempt wrote before the failure are orphans.
+            self.served.experts.discard_all(delivery.edit_id)
         self.queue.ack(delivery)
         if changed:
             log.warning("edit %s failed: %s", delivery.edit_id, reason)
@@ -187,18 +222,28 @@ class EditWorker:
         if delivery.deliveries >= self.max_deliveries:
             self._give_up(delivery, f"failed {delivery.deliveries} times; last error: {error}")
             return
-        with self.db.session() as session:
-            repo.note_error(session, delivery.edit_id, error)
+        self._in_database(repo.note_error, delivery.edit_id, error)
         # Not acknowledged: the message is reclaimed once it has been idle long enough.
 
     def _abandoned_reason(self, edit_id: str, attempts: int) -> str:
-        with self.db.session() as session:
-            try:
-                last = repo.get_edit(session, edit_id).error
-            except repo.EditNotFound:
-                last = None
+        last = self._in_database(_last_error, edit_id)
         reason = f"gave up after {attempts} deliveries: no worker finished training it"
         return f"{reason}; last error: {last}" if last else reason
+
+
+def _activated_with(session: Session, edit_id: str, path: str) -> bool:
+    try:
+        edit = repo.get_edit(session, edit_id)
+    except repo.EditNotFound:
+        return False
+    return edit.status == EditStatus.active and edit.expert_path == path
+
+
+def _last_error(session: Session, edit_id: str) -> str | None:
+    try:
+        return repo.get_edit(session, edit_id).error
+    except repo.EditNotFound:
+        return None
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +271,8 @@ def build_worker(
     """The one place a worker takes its limits from settings."""
     return EditWorker(
         served, db, queue, max_deliveries=settings.max_deliveries, claim_idle_ms=settings.claim_idle_ms,
-        requeue_after_s=settings.requeue_after_s, name=name, block_ms=block_ms, after_save=after_save,
+        requeue_after_s=settings.requeue_after_s, db_retry_s=settings.db_retry_seconds, name=name,
+        block_ms=block_ms, after_save=after_save,
     )
 
 

@@ -219,11 +219,14 @@ def activate(
     return Activated(superseded) if won else None
 
 
-def fail(session: Session, edit_id: str, reason: str) -> bool:
+def fail(session: Session, edit_id: str, reason: str, attempts: int | None = None) -> bool:
+    """queued/training -> failed; ``attempts``, when given, is the final count of deliveries
+    (an edit abandoned after deliveries that never reached the database)."""
     now = utcnow()
+    counted = {} if attempts is None else {"attempts": attempts}
     return _transition(
         session, edit_id, [S.queued, S.training],
-        status=S.failed.value, error=reason, finished_at=now, updated_at=now,
+        status=S.failed.value, error=reason, finished_at=now, updated_at=now, **counted,
     )
 
 

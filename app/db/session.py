@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -27,6 +28,12 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """The database could not be reached or dropped the connection (a retry may succeed),
+    as opposed to refusing the statement."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 def _make_sqlite_folder(url: str) -> None:

@@ -35,6 +35,12 @@ class ExpertFiles:
     def discard(self, relative: str) -> None:
         (self.data_dir / relative).unlink(missing_ok=True)
 
+    def discard_all(self, edit_id: str) -> None:
+        """Remove every file of an edit that will never be served (it failed)."""
+        for path in self.root.glob(f"{edit_id}.*.safetensors"):
+            log.info("removing expert file %s of a failed edit", path)
+            path.unlink(missing_ok=True)
+
     def discard_others(self, edit_id: str, keep: str) -> None:
         """Remove files left by earlier attempts at this edit (a worker that died after writing)."""
         for path in self.root.glob(f"{edit_id}.*.safetensors"):

@@ -102,7 +102,7 @@ def test_edit_fails_after_max_deliveries(redis_url, redis_prefix, sqlite_url, tm
         assert edit["status"] == "failed"
         assert "gave up after 2 deliveries" in edit["error"]
         assert edit["attempts"] == 2
-        assert not list(Path(settings.data_dir, "experts").glob(f"{edit_id}.*")) or True
+        assert not list(Path(settings.data_dir, "experts").glob(f"{edit_id}.*"))
         r = client.post(f"/edits/{edit_id}/rollback")
         assert r.status_code == 409 and r.json()["error_type"] == "conflict"
 
