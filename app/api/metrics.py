@@ -16,6 +16,8 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.live_edits = Gauge("scen_live_edits", "Edits routed to by this process", registry=self.registry)
         self.model_version = Gauge("scen_model_version", "Live model version", registry=self.registry)
+        self.unserved_edits = Gauge("scen_unserved_edits", "Active edits this process cannot serve: their expert "
+                                    "file is missing or unreadable", registry=self.registry)
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and benchmarks
 
     def observe_batch(self, n: int) -> None:
@@ -27,4 +29,5 @@ class Metrics:
         if served is not None:
             self.live_edits.set(len(served.editor.edit_ids))
             self.model_version.set(served.editor.version)
+            self.unserved_edits.set(len(served.sync.unserved))
         return generate_latest(self.registry)

@@ -6,6 +6,7 @@ Request bodies are strict: a JSON ``false`` is not a seed and ``"8"`` is not a t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -116,14 +117,20 @@ class EditPublic(BaseModel):
     live: bool
 
     @classmethod
-    def of(cls, edit, live_ids: set[str] | frozenset[str] = frozenset()) -> EditPublic:
+    def of(cls, edit, live_ids: set[str] | frozenset[str] = frozenset(),
+           unserved: Mapping[str, str] | None = None) -> EditPublic:
+        """``unserved``: active edits the answering process cannot serve, with the reason, which
+        the response gives as the edit's error."""
+        error = edit.error
+        if edit.status == EditStatus.active and unserved and edit.id in unserved:
+            error = unserved[edit.id]
         return cls(
             id=edit.id, status=EditStatus(edit.status), prompt=edit.prompt, target=edit.target, subject=edit.subject,
             rephrases=list(edit.rephrases or []), metadata=shown_metadata(edit.meta),
             created_at=edit.created_at, updated_at=edit.updated_at, started_at=edit.started_at,
             activated_at=edit.activated_at, finished_at=edit.finished_at, rolled_back_at=edit.rolled_back_at,
             attempts=edit.attempts, worker=edit.worker, metrics=EditMetrics(**edit.metrics) if edit.metrics else None,
-            expert_path=edit.expert_path, expert_sha256=edit.expert_sha256, error=edit.error,
+            expert_path=edit.expert_path, expert_sha256=edit.expert_sha256, error=error,
             superseded_by=edit.superseded_by, live=edit.id in live_ids,
         )
 
@@ -168,9 +175,13 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
+    # "degraded": serving, but some active edits are not (see ``unserved_edits`` and ``detail``).
     status: str
     model: str
     model_version: int
     live_edits: int
     queue: str
     worker: str
+    # Active edits this process cannot serve (expert file missing or unreadable), with the reason.
+    unserved_edits: dict[str, str] = Field(default_factory=dict)
+    detail: str | None = None

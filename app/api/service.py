@@ -139,6 +139,10 @@ class Service:
     def live_ids(self) -> set[str]:
         return set(self.served.editor.edit_ids) if self.served is not None else set()
 
+    def unserved(self) -> dict[str, str]:
+        """Active edits this process cannot serve, with the reason."""
+        return self.served.sync.unserved if self.served is not None else {}
+
     def reconcile(self) -> None:
         """Bring this process's model up to date with the database at once."""
         if self.served is not None:

@@ -27,6 +27,13 @@ class LiveSync:
         self.experts = experts
         self._lock = threading.Lock()
         self._broken: set[tuple[str, str | None]] = set()  # (id, sha) whose file failed to load, logged once
+        self._unserved: dict[str, str] = {}
+
+    @property
+    def unserved(self) -> dict[str, str]:
+        """Active edits this editor cannot serve (their expert file is missing or unreadable),
+        with the reason. Each reconcile tries their files again, so a restored file serves."""
+        return dict(self._unserved)
 
     def reconcile(self, trained: dict[str, TrainedEdit] | None = None) -> tuple[list[str], list[str]]:
         """Make the live set equal the active edits, in activation order (oldest first);
@@ -38,9 +45,10 @@ class LiveSync:
             current = set(self.editor.edit_ids)
             loaded: dict[str, TrainedEdit] = {}
             wanted: list[str] = []
+            unserved: dict[str, str] = {}
             for rec in records:
                 if rec.id not in current:
-                    edit = trained.get(rec.id) or self._load(rec)
+                    edit = trained.get(rec.id) or self._load(rec, unserved)
                     if edit is None:
                         continue
                     loaded[rec.id] = edit
@@ -55,6 +63,7 @@ class LiveSync:
                     loaded[edit_id] = self.editor.get(edit_id)
                 self.editor.sync([i for i in self.editor.edit_ids if i not in behind], loaded.__getitem__)
             added, removed = self.editor.sync(wanted, loaded.__getitem__)
+            self._unserved = unserved
         if behind:
             log.info("re-added %d live edits after the edits restored before them", len(behind))
         if added or removed:
@@ -68,10 +77,13 @@ class LiveSync:
         first_new = next((i for i, edit_id in enumerate(wanted) if edit_id not in current), len(wanted))
         return {edit_id for edit_id in wanted[first_new:] if edit_id in current}
 
-    def _load(self, rec: repo.LiveRecord) -> TrainedEdit | None:
+    def _load(self, rec: repo.LiveRecord, unserved: dict[str, str]) -> TrainedEdit | None:
         try:
             return self.experts.load(rec.expert_path, rec.expert_sha256)
         except (OSError, ScenError) as exc:
+            # Clients see the reason: paths relative to the data directory, as the database has them.
+            reason = str(exc).replace(f"{self.experts.data_dir}/", "")
+            unserved[rec.id] = f"active but not served: its expert file cannot be loaded ({reason})"
             if (rec.id, rec.expert_sha256) not in self._broken:
                 self._broken.add((rec.id, rec.expert_sha256))
                 log.error("edit %s is active but its expert cannot be loaded: %s", rec.id, exc)

@@ -17,10 +17,15 @@ def read_health() -> Health:
 
 @router.get("/ready", response_model=Ready, responses={503: {"description": "Not ready"}})
 def read_readiness(service: ServiceDep) -> Ready:
-    """The model is loaded and the database and queue answer."""
+    """The model is loaded and the database and queue answer. Status ``degraded``: some active
+    edits are not served (their expert files cannot be loaded); every other prompt is."""
     served = service.check_ready()
+    unserved = served.sync.unserved
     return Ready(
-        status="ready",
+        status="degraded" if unserved else "ready",
+        unserved_edits=unserved,
+        detail=f"{len(unserved)} active edits are not served: their expert files cannot be loaded"
+        if unserved else None,
         model=served.model_name,
         model_version=served.editor.version,
         live_edits=len(served.editor.edit_ids),

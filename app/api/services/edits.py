@@ -47,8 +47,8 @@ class EditService:
 
     def search(self, status: EditStatus | None, q: str | None, limit: int, offset: int) -> EditsPublic:
         items, total = repo.list_edits(self.session, status, q, limit, offset)
-        live_ids = self.service.live_ids()
-        return EditsPublic(items=[EditPublic.of(e, live_ids) for e in items], total=total)
+        live_ids, unserved = self.service.live_ids(), self.service.unserved()
+        return EditsPublic(items=[EditPublic.of(e, live_ids, unserved) for e in items], total=total)
 
     def rollback(self, edit_id: str) -> EditPublic:
         """Roll back; the edits it had superseded serve again."""
@@ -64,4 +64,4 @@ class EditService:
         return self._public(result.edit)
 
     def _public(self, edit: Edit) -> EditPublic:
-        return EditPublic.of(edit, self.service.live_ids())
+        return EditPublic.of(edit, self.service.live_ids(), self.service.unserved())
