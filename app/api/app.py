@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -14,13 +14,15 @@ from app.models import LoadedModel
 from app.settings import Settings, get_settings
 
 
-def create_app(settings: Settings | None = None, loaded_model: LoadedModel | None = None) -> FastAPI:
-    """``loaded_model`` replaces loading ``settings.model`` (tests pass a tiny model)."""
+def create_app(settings: Settings | None = None, loaded_model: LoadedModel | None = None,
+               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """``loaded_model`` replaces loading ``settings.model`` (tests pass a tiny model).
+    ``on_fatal(reason)`` is called when the model cannot be served at all (see ``Service``)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await Service.start(settings, loaded_model)
+        service = await Service.start(settings, loaded_model, on_fatal)
         app.state.service = service
         try:
             yield

@@ -13,7 +13,20 @@ log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until stopped. Raises ``SystemExit`` with the reason when the model cannot be
+    served (a model the engine settings do not fit, say): a process that could never become
+    ready should stop where its supervisor sees it, not linger answering 503."""
     mode = "embedded worker, in-process queue" if settings.redis_url is None else f"Redis {settings.redis_url}"
     log.info("serving on http://%s:%d (data in %s; %s)", host, port, settings.data_dir, mode)
+    fatal: list[str] = []
+
+    def stop(reason: str) -> None:
+        fatal.append(reason)
+        server.should_exit = True
+
     # log_config=None keeps the logging set up by the CLI.
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, on_fatal=stop), host=host, port=port,
+                                           log_config=None))
+    server.run()
+    if fatal:
+        raise SystemExit(f"scen serve stopped: {fatal[0]}")

@@ -10,11 +10,13 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from app.api.batching import GenerateBatcher
 from app.api.errors import NotReady
 from app.api.metrics import Metrics
+from app.api.services.limits import EditLimits
 from app.db.session import Database
 from app.live import ServedModel, build_served_model, open_database, open_queue
 from app.models import LoadedModel
@@ -27,13 +29,18 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, settings: Settings, db: Database, queue: EditQueue):
+    def __init__(self, settings: Settings, db: Database, queue: EditQueue,
+                 on_fatal: Callable[[str], None] | None = None):
         self.settings = settings
+        # Told why when the model cannot be served at all: ``scen serve`` exits with the reason
+        # rather than staying up never ready. Without it /ready keeps answering 503 with the reason.
+        self.on_fatal = on_fatal
         self.db = db
         self.queue = queue
         self.metrics = Metrics()
         self.served: ServedModel | None = None
         self.batcher: GenerateBatcher | None = None
+        self.limits: EditLimits | None = None
         self.load_error: str | None = None
         self._stop = threading.Event()
         self._threads: list[tuple[threading.Thread, threading.Event]] = []
@@ -42,11 +49,12 @@ class Service:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, settings: Settings, loaded_model: LoadedModel | None = None) -> Service:
+    async def start(cls, settings: Settings, loaded_model: LoadedModel | None = None,
+                    on_fatal: Callable[[str], None] | None = None) -> Service:
         """Open the database and queue; serve ``loaded_model`` at once, or load ``settings.model``
         in the background."""
         db = await asyncio.to_thread(open_database, settings)
-        service = cls(settings, db, open_queue(settings))
+        service = cls(settings, db, open_queue(settings), on_fatal)
         if loaded_model is not None:
             await service._go_live(loaded_model)
         else:
@@ -59,7 +67,10 @@ class Service:
         except Exception as exc:
             log.exception("the model could not be loaded")
             self.load_error = f"{type(exc).__name__}: {exc}"
+            if self.on_fatal is not None:
+                self.on_fatal(f"the model could not be loaded: {self.load_error}")
             return
+        self.limits = EditLimits(served.editor)
         self.batcher = GenerateBatcher(served.editor, self.settings.batch_window_ms, self.settings.max_batch,
                                        on_batch=self.metrics.observe_batch)
         self.batcher.start()
@@ -123,6 +134,13 @@ class Service:
                 raise NotReady(f"the model failed to load: {self.load_error}")
             raise NotReady("the model is still loading")
         return self.served
+
+    def check_edit(self, prompt: str, target: str, rephrases: list[str], subject: str | None) -> None:
+        """Raise ``InvalidEditError`` when the engine could not train the edit; never waits for the model."""
+        self.require_served()
+        if self.limits is None:  # set before the model is served; never None here
+            raise NotReady("the model is still loading")
+        self.limits.check(prompt, target, rephrases, subject)
 
     def check_ready(self) -> ServedModel:
         served = self.require_served()

@@ -25,7 +25,7 @@ class EditService:
 
         Raises ``DuplicateEdit`` when a waiting or active edit already makes the same change."""
         # Refuse untrainable edits before anything is written.
-        self.service.require_served().editor.validate(body.prompt, body.target, body.rephrases, body.subject)
+        self.service.check_edit(body.prompt, body.target, body.rephrases, body.subject)
         edit, created = repo.create_edit(self.session, body.prompt, body.target, body.rephrases, body.metadata,
                                          idempotency_key, subject=body.subject)
         if created:
