@@ -10,8 +10,9 @@ import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -28,6 +29,15 @@ def _default_cache_dir() -> Path:
     return Path(root) / "scen"
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def _engine_config(overrides: list[str]) -> ScenConfig:
     # Imported here: the engine pulls in torch, which settings alone must not need.
     from app.scen import ScenConfig
@@ -36,7 +46,9 @@ def _engine_config(overrides: list[str]) -> ScenConfig:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SCEN_", env_file=".env", extra="ignore")
+    # An invalid setting is reported without the values given: those hold passwords.
+    model_config = SettingsConfigDict(env_prefix="SCEN_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     environment: Literal["development", "production"] = "development"
 
@@ -45,9 +57,11 @@ class Settings(BaseSettings):
     # The bundled model converted to safetensors, and the routing pool's keys.
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     # None: a SQLite file in data_dir. PostgreSQL: postgresql+psycopg://user@host/db
-    database_url: str | None = None
+    # Both URLs may hold passwords: secrets, shown as ********** wherever the settings are
+    # printed; ``db_url`` and ``queue_url`` give them for connecting, ``redact_url`` for logs.
+    database_url: SecretStr | None = None
     # None: an in-process queue and the worker inside the API process (one machine only).
-    redis_url: str | None = None
+    redis_url: SecretStr | None = None
     # Every Redis key and channel starts with this, so several deployments can share a server.
     redis_prefix: str = "scen:"
 
@@ -79,6 +93,11 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(default=5.0, ge=0)
     max_batch: int = Field(default=16, ge=1)
 
+    # Requests that change state (posts, rollbacks) per minute and client address; None: unlimited.
+    rate_limit_per_minute: int | None = Field(default=None, ge=1)
+    # Larger request bodies are refused with 413 before they are parsed. Edits are far smaller.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
     log_json: bool = False
 
     @field_validator("engine")
@@ -102,7 +121,15 @@ class Settings(BaseSettings):
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'scen.db'}"
+        """The database URL to connect with, password included."""
+        if self.database_url is None:
+            return f"sqlite:///{self.data_dir / 'scen.db'}"
+        return self.database_url.get_secret_value()
+
+    @property
+    def queue_url(self) -> str | None:
+        """The Redis URL to connect with, password included; None: the in-process queue."""
+        return None if self.redis_url is None else self.redis_url.get_secret_value()
 
     @property
     def engine_config(self) -> ScenConfig:

@@ -7,7 +7,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.bodylimit import BodyLimit
 from app.api.errors import install_error_handlers
+from app.api.ratelimit import RateLimit
 from app.api.routes import api_router
 from app.api.service import Service
 from app.models import LoadedModel
@@ -37,5 +39,9 @@ def create_app(settings: Settings | None = None, loaded_model: LoadedModel | Non
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    if settings.rate_limit_per_minute:
+        app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute)
+    # Added last, so it runs first: a refused body is never read, whoever the client is.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(api_router)
     return app

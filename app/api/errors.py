@@ -42,6 +42,10 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
 ]
 
 
+# Driver messages name hosts and ports; clients learn only which dependency failed (the log has the rest).
+_UNREACHABLE = {"database_unavailable": "the database is unreachable", "queue_unavailable": "the queue is unreachable"}
+
+
 def error_response(status: int, message: str, kind: str, headers: Mapping[str, str] | None = None,
                    fields: Mapping[str, Any] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "error_type": kind, **(fields or {})}, status_code=status,
@@ -62,8 +66,9 @@ async def _typed(request: Request, exc: Exception) -> JSONResponse:
     for kind_cls, status, kind in _MAPPING:
         if isinstance(exc, kind_cls):
             headers = {"Retry-After": "2"} if status == 503 else None
-            # Driver messages can carry connection details; say only what kind of failure it was.
-            message = "the database is unreachable" if isinstance(exc, OperationalError) else _message(exc)
+            message = _UNREACHABLE.get(kind) or _message(exc)
+            if kind in _UNREACHABLE:
+                log.warning("%s on %s %s: %s", message, request.method, request.url.path, exc)
             return error_response(status, message, kind, headers, _fields(exc))
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error", "internal_error")

@@ -7,7 +7,7 @@ import logging
 import uvicorn
 
 from app.api.app import create_app
-from app.settings import Settings
+from app.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     """Serve until stopped. Raises ``SystemExit`` with the reason when the model cannot be
     served (a model the engine settings do not fit, say): a process that could never become
     ready should stop where its supervisor sees it, not linger answering 503."""
-    mode = "embedded worker, in-process queue" if settings.redis_url is None else f"Redis {settings.redis_url}"
+    queue_url = settings.queue_url
+    mode = "embedded worker, in-process queue" if queue_url is None else f"Redis {redact_url(queue_url)}"
     log.info("serving on http://%s:%d (data in %s; %s)", host, port, settings.data_dir, mode)
     fatal: list[str] = []
 

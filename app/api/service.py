@@ -144,14 +144,17 @@ class Service:
 
     def check_ready(self) -> ServedModel:
         served = self.require_served()
+        # Clients learn which dependency is down; where it is (host, port) goes to the log only.
         try:
             self.db.ping()
         except Exception as exc:
-            raise NotReady(f"database unreachable: {type(exc).__name__}") from exc
+            log.warning("not ready: the database is unreachable: %s", exc)
+            raise NotReady("the database is unreachable") from exc
         try:
             self.queue.ping()
         except QueueUnavailable as exc:
-            raise NotReady(f"queue unreachable: {exc}") from exc
+            log.warning("not ready: the queue is unreachable: %s", exc)
+            raise NotReady("the queue is unreachable") from exc
         return served
 
     def live_ids(self) -> set[str]:

@@ -41,7 +41,7 @@ def open_database(settings: Settings) -> Database:
 
 
 def open_queue(settings: Settings) -> EditQueue:
-    return make_queue(settings.redis_url, prefix=settings.redis_prefix, claim_idle_ms=settings.claim_idle_ms)
+    return make_queue(settings.queue_url, prefix=settings.redis_prefix, claim_idle_ms=settings.claim_idle_ms)
 
 
 @dataclass

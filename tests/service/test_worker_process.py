@@ -27,7 +27,7 @@ def model_dir(tmp_path) -> Path:
 def spawn_worker(settings, model_dir: Path, log: Path) -> subprocess.Popen:
     env = {
         **os.environ,
-        "SCEN_DATABASE_URL": settings.database_url, "SCEN_REDIS_URL": settings.redis_url,
+        "SCEN_DATABASE_URL": settings.db_url, "SCEN_REDIS_URL": settings.queue_url,
         "SCEN_REDIS_PREFIX": settings.redis_prefix, "SCEN_DATA_DIR": str(settings.data_dir),
         "SCEN_MODEL": str(model_dir), "SCEN_DEVICE": "cpu", "SCEN_CLAIM_IDLE_MS": str(settings.claim_idle_ms),
         "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
