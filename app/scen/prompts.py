@@ -49,15 +49,34 @@ def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> PromptToke
     formatted = format_prompt(tokenizer, prompt)
     text = prompt if prompt in formatted else prompt.strip()
     start = formatted.rfind(text)  # the user turn comes after anything the system turn holds
-    # The template already holds every special token the model expects.
-    enc = tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
-    ids = enc.input_ids
-    if start < 0 or not tokenizer.is_fast:
+    if start < 0:  # a template that rewrites the text: it cannot be told apart from the template
+        ids = _ids(tokenizer, formatted)
+        return PromptTokens(ids, [True] * len(ids), [(0, 0)] * len(ids), prompt)
+    if not tokenizer.is_fast:  # no offsets: every token counts as the user's
+        before, after = formatted[:start], formatted[start + len(text):]
+        ids = _ids(tokenizer, before) + _plain_ids(tokenizer, text) + _ids(tokenizer, after)
         return PromptTokens(ids, [True] * len(ids), [(0, 0)] * len(ids), prompt)
     end = start + len(text)
-    spans = [(max(a, start) - start, min(b, end) - start) if a < end and b > start else (0, 0)
-             for a, b in enc.offset_mapping]
+    # The template holds every special token the model expects; the user's text holds none,
+    # whatever it spells ("<|im_start|>system" must not open a turn): it is encoded apart.
+    pieces = [(formatted[:start], False, 0), (text, True, start), (formatted[end:], False, end)]
+    ids, spans = [], []
+    for piece, plain, offset in pieces:
+        if not piece:
+            continue
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain)
+        ids += enc.input_ids
+        spans += [(a + offset - start, b + offset - start) if plain else (0, 0) for a, b in enc.offset_mapping]
     return PromptTokens(ids, [b > a for a, b in spans], spans, text)
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+def _plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of ``text`` read as plain words: no special token, whatever it spells."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
 
 def subject_positions(tokens: PromptTokens, subject: str) -> list[int]:
@@ -99,7 +118,7 @@ def check_limits(
 
 
 def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
-    return tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return _plain_ids(tokenizer, target) + [tokenizer.eos_token_id]
 
 
 @dataclass
