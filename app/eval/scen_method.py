@@ -59,7 +59,7 @@ class ScenMethod(EditMethod):
 
     @contextlib.contextmanager
     def probe(self, batch: Batch) -> Iterator[_RoutingProbe]:
-        with self.editor.routing(at=batch.prompt_last, content=batch.content) as routes_of:
+        with self.editor.routing(batch) as routes_of:
             yield _RoutingProbe(routes_of)
 
     def config(self) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from app.scen.errors import UnknownEditError
 from app.scen.experts import new_expert
 from app.scen.indexing import (
     EditRecording,
-    Neighbours,
     PoolKeys,
     asks_the_same,
     paper_neuron,
@@ -37,7 +36,7 @@ from app.scen.indexing import (
 )
 from app.scen.layers import record
 from app.scen.prompts import Batch, check_limits, encode, prompt_ids, prompt_tokens, subject_positions
-from app.scen.routed import RoutedDown, Router, Routing, RoutingKeys
+from app.scen.routed import Neuron, RoutedDown, Router, Routing, RoutingKeys, question_keys
 from app.scen.training import Timer, TrainedEdit, train_expert
 
 
@@ -60,6 +59,7 @@ class _Recorded:
     out: torch.Tensor  # (B, T, d) the edited layer's base output
     keys: torch.Tensor  # (B, T, h) its keys
     subject: torch.Tensor  # (B, T, h_s) the subject layer's keys
+    relation: torch.Tensor  # (B, T, h_r) the relation layer's keys
 
 
 class Editor:
@@ -81,10 +81,12 @@ class Editor:
         L = len(self.layers)
         self.layer = self.config.resolved_layer(L)
         self.subject_layer = self.config.resolved_subject_layer(L)
+        self.relation_layer = self.config.resolved_relation_layer(L)
         if not 0 <= self.layer < L:
             raise ValueError(f"layer {self.layer} out of range: the model has {L} layers (0..{L - 1})")
-        if not 0 <= self.subject_layer <= self.layer:
-            raise ValueError(f"subject layer {self.subject_layer} out of range: 0..{self.layer} (the edited layer)")
+        for name, at in (("subject", self.subject_layer), ("relation", self.relation_layer)):
+            if not 0 <= at <= self.layer:
+                raise ValueError(f"{name} layer {at} out of range: 0..{self.layer} (the edited layer)")
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs an eos token and a pad token")
         self.device = next(model.parameters()).device
@@ -100,10 +102,12 @@ class Editor:
         if isinstance(down, RoutedDown):
             raise ValueError("this model already has an editor attached")
         subject_down = self.adapter.get_down(self.layers[self.subject_layer])
-        h = self.adapter.down_weight(down).shape[1]
+        relation_down = self.adapter.get_down(self.layers[self.relation_layer])
+        h_r = self.adapter.down_weight(relation_down).shape[1]
         h_s = self.adapter.down_weight(subject_down).shape[1]
-        self.routed = RoutedDown(down, Router(h_s, h, self.config.theta, self.device), subject_down)
-        self._subject_down = subject_down
+        router = Router(h_s, h_r, self.config.theta, pooled=self.config.subject_factor, device=self.device)
+        self.routed = RoutedDown(down, router, subject_down, relation_down)
+        self._subject_down, self._relation_down = subject_down, relation_down
         self.adapter.set_down(layer_module, self.routed)
         self._pool = self._pool_keys_cached(cache_dir)
         self.routed.router.subject_norm.fit(self._pool.subject, self.config.key_shrinkage)
@@ -162,11 +166,11 @@ class Editor:
             )
             metrics["expert_seconds"] = timer.seconds
             edit_rec, subject = self._edit_recording(batch, rec, prompt, subject)
-            neuron, subject_keys = self._train_neuron(edit_rec, prompt, subject)
-            metrics |= self._neuron_metrics(edit_rec, neuron, subject_keys)
+            neuron, subject_keys, relation_keys = self._train_neuron(edit_rec, prompt, subject)
+            metrics |= self._neuron_metrics(edit_rec, neuron, subject_keys, relation_keys)
             metrics["seconds"] = timer.seconds
         return TrainedEdit(
-            prompt, target, rephrases, self.layer, expert, neuron, edit_rec.relation.cpu(), subject_keys.cpu(),
+            prompt, target, rephrases, self.layer, expert, neuron, relation_keys.cpu(), subject_keys.cpu(),
             subject, metrics,
         )
 
@@ -213,17 +217,15 @@ class Editor:
     # ---- inference ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def routing(
-        self, at: torch.Tensor | None = None, content: torch.Tensor | None = None
-    ) -> Iterator[Callable[[int], list[Route]]]:
-        """Route every forward pass of ``model`` inside the block as ``generate`` does.
+    def routing(self, batch: Batch) -> Iterator[Callable[[int], list[Route]]]:
+        """Route every forward pass of ``model`` on ``batch`` inside the block as ``generate`` does.
 
-        Each sequence is routed once, at position ``at`` (B,) or its last, matching the
-        subject over ``content`` (B, T), the user's text (``Batch.content``), and keeps
-        that expert through later decode steps. Yields ``routes(n)``: the routes taken by
+        Each sequence is routed once, from its user's text (the router reads the subject
+        and the question there), at its last prompt token, and keeps that expert through
+        later decode steps and any target tokens. Yields ``routes(n)``: the routes taken by
         the block's n sequences once a forward pass has run. Holds the editor's lock.
         """
-        with self._lock, self.routed.routing_session(at, content) as session:
+        with self._lock, self.routed.routing_session(batch.prompt_last, batch.content) as session:
             yield lambda n: self._routes(session.routing, n)
 
     def detach(self) -> None:
@@ -231,7 +233,7 @@ class Editor:
         this editor is done."""
         with self._lock:
             self.adapter.set_down(self.layers[self.layer], self.routed.base)
-            self.routed.detach_tap()
+            self.routed.detach_taps()
             self._ids, self._edits = [], {}
             self._version += 1
 
@@ -248,7 +250,7 @@ class Editor:
         for chunk in _chunks(prompts, self.batch_size):
             with self._lock:
                 batch = encode(self.tokenizer, chunk).to(self.device)
-                with self.routing(content=batch.content) as routes_of:
+                with self.routing(batch) as routes_of:
                     if seed is not None:
                         torch.manual_seed(seed)
                     out = self.model.generate(  # type: ignore[operator]  # GenerationMixin, untyped in torch
@@ -273,7 +275,7 @@ class Editor:
             for chunk in _chunks(prompts, self.batch_size):
                 batch = encode(self.tokenizer, chunk).to(self.device)
                 rec = self._record(batch)
-                keys = RoutingKeys(rec.subject, batch.content, rec.keys[:, -1])
+                keys = RoutingKeys(rec.subject, batch.content, rec.relation, batch.prompt_last)
                 parts.append(self.routed.router.activations(keys).cpu())
             return torch.cat(parts)
 
@@ -291,10 +293,11 @@ class Editor:
         """The edited layer's base output and keys, and the subject layer's keys, for a batch,
         without running the layers above."""
         with self.routed.bypassed():
-            out, [(subject, _), (keys, _)] = record(
-                self.model, self.layers[self.layer], [self._subject_down, self.routed], batch.model_inputs()
+            out, [(subject, _), (relation, _), (keys, _)] = record(
+                self.model, self.layers[self.layer], [self._subject_down, self._relation_down, self.routed],
+                batch.model_inputs(),
             )
-        return _Recorded(out, keys, subject)
+        return _Recorded(out, keys, subject, relation)
 
     def _subject_keys(self, prompts: Sequence[str]) -> torch.Tensor:
         """Subject keys (N, h_s) of every text token of ``prompts``; runs only up to the subject layer."""
@@ -309,18 +312,31 @@ class Editor:
         h_s = self.adapter.down_weight(self._subject_down).shape[1]
         return torch.cat(parts) if parts else torch.zeros(0, h_s, device=self.device)
 
-    def _last_keys(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Relation keys (n, h) at the last token of each formatted prompt."""
-        parts = [self._record(encode(self.tokenizer, chunk).to(self.device)).keys[:, -1]
-                 for chunk in _chunks(prompts, self.batch_size)]
-        return torch.cat(parts) if parts else self._pool.relation[:0]
+    def _relation_keys(self, texts: Sequence[tuple[str, str | None]]) -> torch.Tensor:
+        """Relation keys (n, h_r) of (prompt, entity) pairs as routing reads them: the question's key,
+        the entity left out (Router), or, for the paper's neuron, the last token's key."""
+        parts = []
+        for chunk in _chunks(texts, self.batch_size):
+            batch = encode(self.tokenizer, [p for p, _ in chunk]).to(self.device)
+            relation = self._record(batch).relation  # (B, T, h_r)
+            if not self.routed.router.pooled:
+                parts.append(relation[:, -1])
+                continue
+            keep = batch.content.clone()
+            T = keep.shape[1]
+            for row, (prompt, entity) in enumerate(chunk):
+                tokens = prompt_tokens(self.tokenizer, prompt)
+                for i in subject_positions(tokens, entity) if entity else []:
+                    keep[row, T - len(tokens.ids) + i] = False
+            parts.append(question_keys(relation, keep))
+        h_r = self.adapter.down_weight(self._relation_down).shape[1]
+        return torch.cat(parts) if parts else torch.zeros(0, h_r, device=self.device)
 
     def _edit_recording(
         self, batch: Batch, rec: _Recorded, prompt: str, subject: str | None
     ) -> tuple[EditRecording, str | None]:
         """The edit's routing keys, with its subject located (or inferred) in row 0."""
-        R, T = batch.input_ids.shape
-        relation = rec.keys[torch.arange(R), batch.prompt_last]  # (R, h)
+        T = batch.input_ids.shape[1]
         tokens = prompt_tokens(self.tokenizer, prompt)
         start = T - int(batch.attention_mask[0].sum())  # row 0's left padding
         if not self.config.subject_factor:
@@ -337,45 +353,51 @@ class Editor:
             span = subject_positions(tokens, subject) or [at]
         in_span = torch.zeros(T, dtype=torch.bool, device=self.device)
         in_span[[start + i for i in span]] = True
-        return EditRecording(rec.subject, batch.content, relation, start + at, in_span), subject
+        return EditRecording(rec.subject, batch.content, rec.relation, batch.prompt_last, start + at, in_span), subject
 
     def _train_neuron(self, rec: EditRecording, prompt: str, subject: str | None):
+        """The neuron, the raw subject keys and the raw relation keys it was trained on."""
         router, cfg, earlier = self.routed.router, self.config, list(self._edits.values())
         if not cfg.subject_factor or subject is None:
-            neuron = paper_neuron(router, rec, self._pool_normal, earlier, cfg, self._generator)
-            return neuron, rec.subject[:, rec.subject_at]
-        near = Neighbours(
-            self._subject_keys(negatives.other_subjects(prompt, subject, cfg.synthetic_subjects, self._rng)),
-            self._last_keys(negatives.other_relations(subject, cfg.synthetic_relations, self._rng)),
+            neuron, relation_keys = paper_neuron(router, rec, self._pool_normal, earlier, cfg, self._generator)
+            return neuron, rec.subject[:, rec.subject_at], relation_keys
+        other_subjects = self._subject_keys(
+            negatives.other_subjects(prompt, subject, cfg.synthetic_subjects, self._rng)
         )
         subject_keys = subject_positives(router, rec, cfg)
-        neuron = two_factor_neuron(router, rec, subject_keys, self._pool_normal, near, earlier, cfg, self._generator)
-        return neuron, subject_keys
+        neuron, relation_keys = two_factor_neuron(
+            router, rec, subject_keys, self._pool_normal, other_subjects, earlier, cfg, self._generator
+        )
+        return neuron, subject_keys, relation_keys
 
-    def _neuron_metrics(self, rec: EditRecording, neuron, subject_keys: torch.Tensor) -> dict:
+    def _neuron_metrics(
+        self, rec: EditRecording, neuron: Neuron, subject_keys: torch.Tensor, relation_keys: torch.Tensor
+    ) -> dict:
         """Activation of the new neuron on its prompt and rephrases, and which live edits fire there."""
-        probe = Router(subject_keys.shape[-1], rec.relation.shape[-1], self.config.theta, self.device)
-        probe.subject_norm, probe.relation_norm = self.routed.router.subject_norm, self.routed.router.relation_norm
+        router = self.routed.router
+        probe = Router(subject_keys.shape[-1], relation_keys.shape[-1], self.config.theta, router.pooled, self.device)
+        probe.subject_norm, probe.relation_norm = router.subject_norm, router.relation_norm
         probe.append(neuron)
         a = probe.activations(routing_keys(rec))[:, 0]
         metrics: dict = {"activation": a[0].item(), "rephrase_activations": a[1:].tolist()}
         if self._ids:
             # Older neurons are not retrained. One that fires on this very prompt is a correction
             # this edit replaces: this edit overrides it (see Router).
-            older = self.routed.router.activations(routing_keys(rec))[0]
+            older = router.activations(routing_keys(rec))[0]
             metrics["older_max_activation"] = older.max().item()
             fires = [self._ids[i] for i in (older > self.config.theta).nonzero().flatten().tolist()]
             metrics["fires_on_prompt"] = fires
-            metrics["overrides"] = [i for i in fires if asks_the_same(self.routed.router, rec, self._edits[i])]
+            metrics["overrides"] = [i for i in fires if asks_the_same(router, relation_keys, self._edits[i])]
         return metrics
 
     def _pool_keys_cached(self, cache_dir: str | os.PathLike | None) -> PoolKeys:
         prompts = negatives.pool_prompts()
         if cache_dir is None or self.device.type != "cpu":
             return self._pool_keys(prompts)
+        questions = [q for q, _ in negatives.generic_questions()]
         key = keycache.fingerprint(
-            self.model, [prompt_ids(self.tokenizer, p) for p in [*prompts, *negatives.generic_questions()]],
-            f"{self.subject_layer},{self.layer}",
+            self.model, [prompt_ids(self.tokenizer, p) for p in [*prompts, *questions]],
+            f"{self.subject_layer},{self.relation_layer},{self.layer},pooled={self.routed.router.pooled}",
         )
         cached = keycache.load(Path(cache_dir), key)
         names = {"subject", "relation", "questions"}
@@ -387,14 +409,11 @@ class Editor:
 
     def _pool_keys(self, prompts: Sequence[str]) -> PoolKeys:
         with torch.no_grad():
-            subject, relation = [], []
-            for chunk in _chunks(prompts, self.batch_size):
-                batch = encode(self.tokenizer, chunk).to(self.device)
-                rec = self._record(batch)
-                subject.append(rec.subject[batch.content])
-                relation.append(rec.keys[:, -1])
-            questions = self._last_keys(negatives.generic_questions())
-            return PoolKeys(torch.cat(subject), torch.cat(relation), questions)
+            return PoolKeys(
+                self._subject_keys(prompts),
+                self._relation_keys([(p, None) for p in prompts]),
+                self._relation_keys(negatives.generic_questions()),
+            )
 
 
 def _chunks(items: Sequence, size: int):

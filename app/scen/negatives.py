@@ -7,8 +7,9 @@ against one kind:
   after an edit of the iPhone's developer): the edit prompt with its subject
   replaced by other entities, negatives of the subject factor;
 * another question about the same subject ("Who founded Globex?" after an edit
-  of Globex's chief executive): generic questions filled with the edit's subject,
-  negatives of the relation factor.
+  of Globex's chief executive): the relation factor reads the question with its
+  subject left out, so generic questions about generic entities stand for these,
+  negatives of every edit's relation factor.
 
 The fillers (``entities.txt``, ``relations.txt``) are fixed, generic lists that
 ship with the package.
@@ -47,12 +48,6 @@ def _literal(text: str):
     return lambda _match: text
 
 
-def other_relations(subject: str, n: int, rng: random.Random) -> list[str]:
-    """``n`` generic questions and statements about ``subject``."""
-    templates = _lines("relations.txt")
-    return [t.format(subject) for t in rng.sample(templates, min(n, len(templates)))]
-
-
 # Words that start a question or a sentence in capitals without naming anything.
 _OPENERS = frozenset(
     "what which who whom whose where when why how the a an in on of is was did does do are to for by at from "
@@ -60,11 +55,11 @@ _OPENERS = frozenset(
 )
 
 
-def generic_questions(per_template: int = 3) -> list[str]:
-    """Every template of ``relations.txt`` about a few fixed entities."""
+def generic_questions(per_template: int = 3) -> list[tuple[str, str]]:
+    """Every template of ``relations.txt`` about a few fixed entities: (question, entity)."""
     entities = _lines("entities.txt")
     step = max(1, len(entities) // per_template)
-    return [t.format(e) for t in _lines("relations.txt") for e in entities[::step][:per_template]]
+    return [(t.format(e), e) for t in _lines("relations.txt") for e in entities[::step][:per_template]]
 
 
 def infer_subject(tokens: PromptTokens, novelty: list[float]) -> tuple[int, str]:

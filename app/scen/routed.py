@@ -10,6 +10,7 @@ decided once per sequence, at prefill, and held for every generated token (a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,22 +31,27 @@ class Routing:
 class RoutingKeys:
     """What one routing decision reads, per sequence."""
 
-    subject: torch.Tensor  # (B, T, h) keys of the subject layer at every position
+    subject: torch.Tensor  # (B, T, h_s) keys of the subject layer at every position
     content: torch.Tensor  # (B, T) bool, positions of the user's text
-    relation: torch.Tensor  # (B, h) key of the edited layer at the routing position
+    relation: torch.Tensor  # (B, T, h) keys of the relation layer at every position
+    at: torch.Tensor  # (B,) routing position (the last prompt token)
+
+    def last(self) -> torch.Tensor:  # (B, h) relation keys at the routing position
+        return self.relation[torch.arange(len(self.at), device=self.at.device), self.at]
 
 
 @dataclass
 class Neuron:
     """One edit's indexing neuron: two factors, each a vector over normalised keys and a bias."""
 
-    subject: torch.Tensor  # (h,) fires on the edit's subject, at any position of the user's text
+    subject: torch.Tensor  # (h_s,) fires on the edit's subject, at any position of the user's text
     subject_bias: torch.Tensor  # ()
-    relation: torch.Tensor  # (h,) fires on the question asked, read at the routing position
+    relation: torch.Tensor  # (h,) fires on the question asked (see Router)
     relation_bias: torch.Tensor  # ()
+    subject_len: torch.Tensor  # () long, the subject's length in tokens: left out of the question's key
 
     def to(self, device: torch.device) -> Neuron:
-        return Neuron(*(t.to(device) for t in (self.subject, self.subject_bias, self.relation, self.relation_bias)))
+        return Neuron(*(t.to(device) for t in dataclasses.astuple(self)))
 
 
 class KeyNorm(nn.Module):
@@ -86,8 +92,23 @@ class KeyNorm(nn.Module):
         whiten.diagonal().add_(outside)
         self.whiten = whiten.float()
 
+    def whitened(self, keys: torch.Tensor) -> torch.Tensor:  # (..., h) -> (..., h), not unit length
+        return (keys.float() - self.center) @ self.whiten
+
     def forward(self, keys: torch.Tensor) -> torch.Tensor:  # (..., h) -> (..., h)
-        return F.normalize((keys.float() - self.center) @ self.whiten, dim=-1)
+        return F.normalize(self.whitened(keys), dim=-1)
+
+
+def subject_window(at: torch.Tensor, length: torch.Tensor, T: int) -> torch.Tensor:
+    """Positions (..., T) of a subject of ``length`` tokens ending at ``at``; both (...,)."""
+    t = torch.arange(T, device=at.device)
+    return (t <= at[..., None]) & (t > (at - length)[..., None])
+
+
+def question_keys(keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Raw keys (..., T, h) averaged over the positions ``keep`` (..., T): the question's key."""
+    w = keep.to(keys.dtype)
+    return (keys * w[..., None]).sum(-2) / w.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 class Router(nn.Module):
@@ -96,10 +117,15 @@ class Router(nn.Module):
     An edit's activation on a prompt is ``min(s, r)``: ``s``, the subject factor, is
     its best match over the positions of the user's text at an early layer (where a
     token's representation says which entity it names); ``r``, the relation factor,
-    reads the edited layer's key at the last prompt token (which says what is asked).
-    Another subject with the same question fails ``s``; another question about the
-    same subject fails ``r``. Each factor has a bias, so it fires on a cap around
-    its key instead of on a half-space.
+    reads the *question's key*: the relation layer's keys averaged over the user's
+    text less the edit's subject (the ``subject_len`` tokens ending where ``s`` peaks),
+    which says what is asked of the subject and nothing of who it is. Another subject
+    with the same question fails ``s``; another question about the same subject fails
+    ``r``. Each factor has a bias, so it fires on a cap around its key instead of on a
+    half-space.
+
+    With ``pooled=False`` (the paper's single neuron) ``r`` reads the key at the
+    routing position instead.
 
     Of the edits whose activation exceeds theta, the strongest serves the sequence,
     except that an edit yields to any later one that overrides it and fires too: a
@@ -111,31 +137,49 @@ class Router(nn.Module):
     subject_b: torch.Tensor
     relation_w: torch.Tensor
     relation_b: torch.Tensor
+    subject_len: torch.Tensor
     overrides: torch.Tensor
 
-    def __init__(self, h_subject: int, h: int, theta: float, device: torch.device | None = None):
+    def __init__(
+        self, h_subject: int, h: int, theta: float, pooled: bool = True, device: torch.device | None = None
+    ):
         super().__init__()
         self.theta = theta
+        self.pooled = pooled
         self.subject_norm = KeyNorm(h_subject, device)
         self.relation_norm = KeyNorm(h, device)
         self.register_buffer("subject_w", torch.zeros(0, h_subject, device=device))  # (E, h_s)
         self.register_buffer("subject_b", torch.zeros(0, device=device))  # (E,)
         self.register_buffer("relation_w", torch.zeros(0, h, device=device))  # W_merge, (E, h)
         self.register_buffer("relation_b", torch.zeros(0, device=device))  # (E,)
+        self.register_buffer("subject_len", torch.zeros(0, dtype=torch.long, device=device))  # (E,)
         self.register_buffer("overrides", torch.zeros(0, 2, dtype=torch.long, device=device))  # (K, 2) newer, older
 
     def __len__(self) -> int:
         return self.relation_w.shape[0]
 
-    def subject_factor(self, subject: torch.Tensor, content: torch.Tensor) -> torch.Tensor:  # -> (B, E)
+    def subject_factor(self, subject: torch.Tensor, content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each edit's subject factor (B, E) and the position where it peaks (B, E)."""
         s = torch.sigmoid(self.subject_norm(subject) @ self.subject_w.T + self.subject_b)  # (B, T, E)
-        return s.masked_fill(~content[..., None], 0.0).amax(1)
+        return s.masked_fill(~content[..., None], 0.0).max(1)
 
-    def relation_factor(self, relation: torch.Tensor) -> torch.Tensor:  # (B, h) -> (B, E)
-        return torch.sigmoid(self.relation_norm(relation) @ self.relation_w.T + self.relation_b)
+    def relation_factor(self, keys: RoutingKeys, subject_at: torch.Tensor) -> torch.Tensor:  # -> (B, E)
+        if not self.pooled:
+            return torch.sigmoid(self.relation_norm(keys.last()) @ self.relation_w.T + self.relation_b)
+        # normalize(sum_t keep_t y_t) . w  =  sum_t keep_t (y_t . w) / sqrt(keep' G keep), G = y y':
+        # one (B, T, E) product instead of a pooled (B, E, h) key per edit.
+        y = self.relation_norm.whitened(keys.relation)  # (B, T, h)
+        T = y.shape[1]
+        window = subject_window(subject_at.transpose(0, 1), self.subject_len[:, None], T)  # (E, B, T)
+        keep = (keys.content[None] & ~window).permute(1, 2, 0).to(y.dtype)  # (B, T, E)
+        dot = (keep * (y @ self.relation_w.T)).sum(1)  # (B, E)
+        gram = y @ y.transpose(1, 2)  # (B, T, T)
+        sq = torch.einsum("bse,bst,bte->be", keep, gram, keep)
+        return torch.sigmoid(dot / sq.clamp_min(1e-12).sqrt() + self.relation_b)
 
     def activations(self, keys: RoutingKeys) -> torch.Tensor:  # -> (B, E)
-        return torch.minimum(self.subject_factor(keys.subject, keys.content), self.relation_factor(keys.relation))
+        s, at = self.subject_factor(keys.subject, keys.content)
+        return torch.minimum(s, self.relation_factor(keys, at))
 
     def route(self, keys: RoutingKeys) -> Routing:
         B = keys.relation.shape[0]
@@ -159,11 +203,13 @@ class Router(nn.Module):
         self.subject_b = torch.cat([self.subject_b, neuron.subject_bias.reshape(1)])
         self.relation_w = torch.cat([self.relation_w, neuron.relation.reshape(1, -1)])
         self.relation_b = torch.cat([self.relation_b, neuron.relation_bias.reshape(1)])
+        self.subject_len = torch.cat([self.subject_len, neuron.subject_len.reshape(1).to(self.subject_len)])
 
     def pop(self, slot: int) -> None:
         keep = [i for i in range(len(self)) if i != slot]
         self.subject_w, self.subject_b = self.subject_w[keep], self.subject_b[keep]
         self.relation_w, self.relation_b = self.relation_w[keep], self.relation_b[keep]
+        self.subject_len = self.subject_len[keep]
         pairs = self.overrides[(self.overrides != slot).all(-1)]
         self.overrides = pairs - (pairs > slot).long()
 
@@ -181,11 +227,12 @@ class RoutedDown(nn.Module):
     """Stands in for ``W_down`` of the edited layer: the base output plus, per sequence, the
     delta of the expert its routing chose.
 
-    ``subject_down`` is the down projection of the subject layer (at or below this one);
-    a hook keeps the keys it saw in the current forward pass for the subject factor.
+    ``subject_down`` and ``relation_down`` are the down projections of the subject and
+    relation layers (at or below this one; ``relation_down`` may be ``base`` itself):
+    hooks keep the keys they saw in the current forward pass for the router.
     """
 
-    def __init__(self, base: nn.Module, router: Router, subject_down: nn.Module):
+    def __init__(self, base: nn.Module, router: Router, subject_down: nn.Module, relation_down: nn.Module):
         super().__init__()
         self.base = base
         self.router = router
@@ -193,11 +240,17 @@ class RoutedDown(nn.Module):
         self.session: RoutingSession | None = None
         self._bypass = False
         self._forced: torch.Tensor | None = None
-        self._subject_keys: torch.Tensor | None = None
-        self._tap = subject_down.register_forward_hook(self._keep_subject_keys)
+        self._seen: dict[str, torch.Tensor] = {}
+        self._taps = [
+            module.register_forward_hook(self._keep(name))
+            for name, module in (("subject", subject_down), ("relation", relation_down))
+        ]
 
-    def _keep_subject_keys(self, module, args, output) -> None:
-        self._subject_keys = args[0]
+    def _keep(self, name: str):
+        def hook(module, args, output) -> None:
+            self._seen[name] = args[0]
+
+        return hook
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:  # (B, T, h) -> (B, T, d)
         out = self.base(k)
@@ -236,11 +289,11 @@ class RoutedDown(nn.Module):
         content = positions <= at[:, None] if content is None else content.to(k.device)
         # A row without text of its own (an empty prompt) is matched at its routing position.
         content = content | (~content.any(1, keepdim=True) & (positions == at[:, None]))
-        subject = self._subject_keys if self._subject_keys is not None else k
-        return RoutingKeys(subject, content, k[torch.arange(B, device=k.device), at])
+        return RoutingKeys(self._seen.get("subject", k), content, self._seen.get("relation", k), at)
 
-    def detach_tap(self) -> None:
-        self._tap.remove()
+    def detach_taps(self) -> None:
+        for tap in self._taps:
+            tap.remove()
 
     # ---- contexts used by the editor -------------------------------------------------
 

@@ -18,7 +18,7 @@ from app.scen.experts import Expert
 from app.scen.routed import Neuron
 from app.scen.training import TrainedEdit
 
-FORMAT = "scen-edit/2"
+FORMAT = "scen-edit/3"
 
 
 def save_edit(edit: TrainedEdit, path: str | os.PathLike) -> str:

@@ -37,7 +37,7 @@ class TrainedEdit:
     layer: int
     expert: Expert
     neuron: Neuron
-    keys: torch.Tensor  # (1 + len(rephrases), h) raw relation keys of the prompt and rephrases
+    keys: torch.Tensor  # (1 + len(rephrases), h) raw relation keys of the prompt and rephrases (see Router)
     subject_keys: torch.Tensor  # (1 + len(rephrases), h_s) raw subject keys, where each names the subject
     subject: str | None = None  # as given, or as inferred from the prompt
     metrics: dict = field(default_factory=dict)
@@ -129,7 +129,7 @@ def neuron_loss(a_pos: torch.Tensor, a_neg: torch.Tensor, config: ScenConfig) ->
 
 def train_neuron(
     positives: torch.Tensor, negatives: torch.Tensor, config: ScenConfig, generator: torch.Generator,
-    init_bias: float | None = None, shared: torch.Tensor | None = None, fire_at: float = 0.5,
+    init_bias: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indexing neuron (h,) and bias for normalised keys; ``positives`` (P, h), row 0 the edit prompt.
 
@@ -140,15 +140,8 @@ def train_neuron(
     noise = torch.randn(config.positive_copies, positives.shape[1], generator=generator).to(positives)
     jitter = F.normalize(positives[:1] + config.positive_noise * noise, dim=-1)
     pos = torch.cat([positives, jitter])  # (P', h)
-    direction = positives[0]
     bias = config.neuron_init_bias if init_bias is None else init_bias
-    if shared is not None:
-        # Start blind to ``shared`` (unit vector), the direction the edit's key has in common with
-        # its closest negatives, and fire at ``fire_at`` of the edit's own projection on the rest.
-        direction = direction - (direction @ shared) * shared
-        bias = -config.neuron_init_scale * fire_at * direction.norm().item()
-        direction = F.normalize(direction, dim=-1)
-    w = (direction * config.neuron_init_scale).clone().requires_grad_(True)
+    w = (positives[0] * config.neuron_init_scale).clone().requires_grad_(True)
     b = torch.tensor(bias, device=positives.device, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=config.neuron_lr)
     with torch.enable_grad():

@@ -29,7 +29,7 @@ def token_accuracy(editor: Editor, prompt: str, target: str) -> float:
     """Teacher-forced share of target tokens that are the argmax, routed at the last prompt token."""
     batch = encode(editor.tokenizer, [prompt], [target])
     n = len(batch.targets[0])
-    with torch.no_grad(), editor.routing(at=batch.prompt_last):
+    with torch.no_grad(), editor.routing(batch):
         predicted = editor.model(**batch.model_inputs()).logits[0, -n - 1 : -1].argmax(-1)
     return (predicted == torch.tensor(batch.targets[0])).float().mean().item()
 
@@ -37,7 +37,7 @@ def token_accuracy(editor: Editor, prompt: str, target: str) -> float:
 def logits(editor: Editor, prompt: str) -> torch.Tensor:
     """Logits of the formatted prompt, routed at its last token as in generation."""
     batch = encode(editor.tokenizer, [prompt])
-    with torch.no_grad():
+    with torch.no_grad(), editor.routing(batch):
         return editor.model(**batch.model_inputs()).logits
 
 
@@ -83,7 +83,7 @@ def test_routing_block_routes_any_forward_pass_and_detach_restores_the_model():
     before = logits(editor, prompt)
     editor.add("e0", editor.train(prompt, target))
     batch = encode(editor.tokenizer, [prompt, UNRELATED])
-    with editor.routing() as routes_of, torch.no_grad():
+    with editor.routing(batch) as routes_of, torch.no_grad():
         routed = editor.model(**batch.model_inputs()).logits
         assert [r.edit_id for r in routes_of(2)] == ["e0", None]
     assert routed[0, -1].argmax() == editor.tokenizer(target, add_special_tokens=False).input_ids[0]

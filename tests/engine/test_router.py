@@ -55,3 +55,34 @@ def _pool():
 
 def _same(a, b) -> bool:
     return torch.equal(a.subject, b.subject) and torch.equal(a.relation, b.relation)
+
+
+def test_relation_factor_reads_the_question_less_the_subject_where_the_subject_factor_peaks():
+    from app.scen.routed import Neuron, Router, RoutingKeys, question_keys, subject_window
+
+    torch.manual_seed(0)
+    B, T, h_s, h, E = 3, 7, 8, 12, 4
+    router = Router(h_s, h, theta=0.5)
+    router.subject_norm.fit(torch.randn(50, h_s), 0.1)
+    router.relation_norm.fit(torch.randn(50, h), 0.1)
+    for length in (1, 2, 3, 1):
+        router.append(Neuron(torch.randn(h_s), torch.randn(()), 5 * torch.randn(h), torch.randn(()),
+                             torch.tensor(length)))
+    content = torch.ones(B, T, dtype=torch.bool)
+    content[0, :2] = False  # left padding and template tokens are not the user's text
+    content[:, -1] = False
+    keys = RoutingKeys(torch.randn(B, T, h_s), content, torch.randn(B, T, h), torch.full((B,), T - 1))
+    _, peaks = router.subject_factor(keys.subject, keys.content)  # (B, E)
+    got = router.relation_factor(keys, peaks)
+    for e in range(E):  # the definition: each edit's question key, then its neuron
+        keep = content & ~subject_window(peaks[:, e], router.subject_len[e], T)
+        key = router.relation_norm(question_keys(keys.relation, keep))  # (B, h)
+        want = torch.sigmoid(key @ router.relation_w[e] + router.relation_b[e])
+        assert torch.allclose(got[:, e], want, atol=1e-5)
+
+
+def test_subject_window_ends_at_the_peak():
+    from app.scen.routed import subject_window
+
+    w = subject_window(torch.tensor([3, 0]), torch.tensor(2), 6)
+    assert w.tolist() == [[False, False, True, True, False, False], [True, False, False, False, False, False]]

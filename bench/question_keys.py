@@ -1,0 +1,118 @@
+"""Which key tells a paraphrase of a question from another question about the same subject?
+
+    .venv/bin/python bench/question_keys.py [--records 200]
+
+For the first N records of each development file that have a rephrase and a
+same-subject probe (``app.eval.neighbours``), every candidate key of the edit prompt
+is compared (cosine after the router's whitening, fitted on the ordinary prompts'
+keys of the same kind) with the key of its rephrase (should be near) and of another
+question about the same subject (should be far). Candidates: the down projection's
+input or the residual stream, at several layers, read at the last prompt token,
+averaged over the user's text, or averaged over the user's text less the subject.
+
+Reported per candidate: AUC (a rephrase nearer than a probe, over all pairs) and the
+share of probes above the cosine that keeps 90 % / 95 % of rephrases. Results go to
+bench/results/question_keys.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from app.eval.datasets import load_dataset
+from app.eval.neighbours import build_probes
+from app.eval.selection import edit_id
+from app.models import load_model
+from app.scen import negatives
+from app.scen.adapters import adapter_for
+from app.scen.prompts import encode, prompt_tokens, subject_positions
+from app.scen.routed import KeyNorm, question_keys
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FILES = ["zsre_mend_train_1k.json", "counterfact_dev_2k.json"]
+LAYERS = [4, 6, 8, 10, 14, 18, 22, 25]
+READS = ("last", "text", "text_less_subject")
+
+
+@torch.no_grad()
+def candidate_keys(lm, prompts: list[str], subjects: list[str | None]) -> dict[tuple[str, int, str], torch.Tensor]:
+    """(site, layer, read) -> raw keys (n, h) of ``prompts``."""
+    adapter = adapter_for(lm.model)
+    layers = adapter.layer_list(lm.model)
+    out: dict[tuple[str, int, str], list[torch.Tensor]] = {}
+    for start in range(0, len(prompts), 16):
+        chunk, names = prompts[start : start + 16], subjects[start : start + 16]
+        batch = encode(lm.tokenizer, chunk)
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [
+            adapter.get_down(layers[i]).register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0]))
+            for i in LAYERS
+        ]
+        try:
+            hidden = lm.model(**batch.model_inputs(), output_hidden_states=True, use_cache=False).hidden_states
+        finally:
+            for h in hooks:
+                h.remove()
+        T = batch.input_ids.shape[1]
+        less = batch.content.clone()
+        for row, (prompt, subject) in enumerate(zip(chunk, names)):
+            tokens = prompt_tokens(lm.tokenizer, prompt)
+            for i in subject_positions(tokens, subject) if subject else []:
+                less[row, T - len(tokens.ids) + i] = False
+        for site, keys in (("down_input", seen), ("residual", {i: hidden[i + 1] for i in LAYERS})):
+            for layer in LAYERS:
+                x = keys[layer]
+                reads = {"last": x[:, -1], "text": question_keys(x, batch.content),
+                         "text_less_subject": question_keys(x, less)}
+                for read, value in reads.items():
+                    out.setdefault((site, layer, read), []).append(value)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def compare(lm, path: Path, n: int) -> list[dict]:
+    records = [r for r in load_dataset(path).records if r.editable and r.rephrases and r.subject]
+    edited, others = records[:n], records[n:]
+    same = dict(build_probes(edited, others, seed=0).same_subject)
+    rows = [(r.prompt, r.rephrases[0], same[edit_id(r)], r.subject) for r in edited if edit_id(r) in same]
+    subjects = [s for *_, s in rows]
+    pool_prompts = negatives.pool_prompts()
+    pool = candidate_keys(lm, pool_prompts, [None] * len(pool_prompts))
+    prompt, rephrase, probe = (candidate_keys(lm, [r[i] for r in rows], subjects) for i in range(3))
+    results = []
+    for key in prompt:
+        norm = KeyNorm(pool[key].shape[1])
+        norm.fit(pool[key], shrinkage=0.1)
+        a = norm(prompt[key])
+        near, far = (a * norm(rephrase[key])).sum(-1), (a * norm(probe[key])).sum(-1)
+        results.append({
+            "site": key[0], "layer": key[1], "read": key[2], "pairs": len(rows),
+            "auc": (near[:, None] > far[None, :]).float().mean().item(),
+            "probes_above_tpr90": (far >= near.quantile(0.10)).float().mean().item(),
+            "probes_above_tpr95": (far >= near.quantile(0.05)).float().mean().item(),
+            "rephrase_cos": near.mean().item(), "probe_cos": far.mean().item(),
+        })
+    return sorted(results, key=lambda r: -r["auc"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200)
+    args = parser.parse_args()
+    lm = load_model()
+    results = {name: compare(lm, DATA / name, args.records) for name in FILES}
+    for name, rows in results.items():
+        print(name)
+        for r in rows[:8]:
+            print(f"  {r['site']:10s} L{r['layer']:<2d} {r['read']:17s} auc {r['auc']:.2f} "
+                  f"probes above tpr90 {r['probes_above_tpr90']:.2f} tpr95 {r['probes_above_tpr95']:.2f}")
+    out = Path("bench/results/question_keys.json")
+    out.write_text(json.dumps({"records": args.records, "results": results}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
