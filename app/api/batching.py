@@ -1,4 +1,5 @@
-"""Batching concurrent /generate requests into one model call.
+"""Batching concurrent generation requests (``/generate``, ``/v1/completions`` and
+``/v1/chat/completions`` without streaming) into shared model calls.
 
 Requests wait a few milliseconds for company; whatever arrives while the model
 is busy forms the next batch, so under load batches fill without extra waiting.
@@ -12,29 +13,23 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.scen import Editor, Generation
+from app.live.generation import Completion, Generator, Sampling
+from app.live.prompting import PromptRow
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Request:
-    prompt: str
-    max_new_tokens: int
-    temperature: float
-    seed: int | None
+    prompt: PromptRow
+    sampling: Sampling  # one model call serves one setting; requests that differ go in separate calls
     future: asyncio.Future = field(repr=False)
-
-    @property
-    def key(self) -> tuple:
-        # One model call serves one setting of these; requests that differ go in separate calls.
-        return (self.max_new_tokens, self.temperature, self.seed)
 
 
 class GenerateBatcher:
-    def __init__(self, editor: Editor, window_ms: float = 5.0, max_batch: int = 16,
+    def __init__(self, generator: Generator, window_ms: float = 5.0, max_batch: int = 16,
                  on_batch: Callable[[int], None] | None = None):
-        self.editor = editor
+        self.generator = generator
         self.window = window_ms / 1000
         self.max_batch = max_batch
         self.on_batch = on_batch
@@ -56,10 +51,9 @@ class GenerateBatcher:
             if not request.future.done():
                 request.future.set_exception(RuntimeError("server shutting down"))
 
-    async def submit(self, prompt: str, max_new_tokens: int, temperature: float,
-                     seed: int | None = None) -> tuple[Generation, int]:
+    async def submit(self, prompt: PromptRow, sampling: Sampling) -> Completion:
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(prompt, max_new_tokens, temperature, seed, future))
+        await self._queue.put(_Request(prompt, sampling, future))
         return await future
 
     async def _collect(self) -> list[_Request]:
@@ -82,17 +76,15 @@ class GenerateBatcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._collect()
-            groups: dict[tuple, list[_Request]] = defaultdict(list)
+            groups: dict[Sampling, list[_Request]] = defaultdict(list)
             for request in batch:
                 if not request.future.done():  # the client may have gone away
-                    groups[request.key].append(request)
-            for (max_new_tokens, temperature, seed), requests in groups.items():
+                    groups[request.sampling].append(request)
+            for sampling, requests in groups.items():
                 if self.on_batch is not None:
                     self.on_batch(len(requests))
                 try:
-                    results, version = await asyncio.to_thread(
-                        self._generate, [r.prompt for r in requests], max_new_tokens, temperature, seed
-                    )
+                    results = await asyncio.to_thread(self.generator.complete, [r.prompt for r in requests], sampling)
                 except Exception as exc:
                     log.exception("generation of a batch of %d failed", len(requests))
                     for r in requests:
@@ -101,10 +93,4 @@ class GenerateBatcher:
                     continue
                 for r, result in zip(requests, results):
                     if not r.future.done():
-                        r.future.set_result((result, version))
-
-    def _generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
-                  seed: int | None) -> tuple[list[Generation], int]:
-        results = self.editor.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        # Each generation carries the live version that answered it; one batch runs under one lock.
-        return results, results[0].model_version
+                        r.future.set_result(result)

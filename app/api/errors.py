@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.db.edits import DuplicateEdit, EditConflict, EditNotFound, IdempotencyConflict
+from app.live.prompting import UnsupportedChat
 from app.queue import QueueUnavailable
 from app.scen import InvalidEditError, UnknownEditError
 
@@ -28,6 +29,10 @@ class NotReady(Exception):
     """The model is still loading, or a dependency is down."""
 
 
+class ModelNotFound(Exception):
+    """An OpenAI-style request names a model this service does not serve."""
+
+
 # Most specific first: the first isinstance match wins.
 _MAPPING: list[tuple[type[Exception], int, str]] = [
     (IdempotencyConflict, 409, "idempotency_conflict"),
@@ -36,6 +41,8 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (EditNotFound, 404, "not_found"),
     (UnknownEditError, 404, "not_found"),
     (InvalidEditError, 422, "invalid_edit"),
+    (ModelNotFound, 404, "not_found"),
+    (UnsupportedChat, 422, "validation_error"),
     (NotReady, 503, "not_ready"),
     (QueueUnavailable, 503, "queue_unavailable"),
     (OperationalError, 503, "database_unavailable"),

@@ -29,6 +29,8 @@ MAX_SEED = 2**53 - 1
 # such a temperature is greedy decoding in all but name, which 0 asks for.
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 5.0
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
 
 # What the checks below accept, for the OpenAPI schema: some character other than
 # whitespace, and no NUL.
@@ -140,23 +142,48 @@ class EditsPublic(BaseModel):
     total: int
 
 
+def _sampling_temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
+
+
+Temperature = Annotated[
+    float,
+    Field(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+          description=f"0 = greedy; else sampling at {MIN_TEMPERATURE} to {MAX_TEMPERATURE}"),
+    AfterValidator(_sampling_temperature),
+]
+TopP = Annotated[
+    float,
+    Field(gt=0.0, le=1.0, allow_inf_nan=False,
+          description="Nucleus sampling (temperature > 0); absent: the model's own setting"),
+]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Sampling seed (temperature > 0)")]
+# A stop string is matched in the decoded text and left out of the answer; it may hold any
+# character but NUL, spaces and newlines included.
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(storable_text)]
+Stops = Annotated[
+    StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)],
+    Field(description=f"Up to {MAX_STOPS} strings; the answer ends before the first that occurs"),
+]
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Text
     max_new_tokens: int = Field(default=64, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(
-        default=0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
-        description=f"0 = greedy; else sampling at {MIN_TEMPERATURE} to {MAX_TEMPERATURE}",
-    )
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Sampling seed (temperature > 0)")
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return value
+    temperature: Temperature = 0.0
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: Stops | None = None
 
 
 class Routing(BaseModel):

@@ -17,11 +17,13 @@ from app.api.batching import GenerateBatcher
 from app.api.errors import NotReady
 from app.api.metrics import Metrics
 from app.api.services.limits import EditLimits
+from app.api.streaming import TokenStream
 from app.db.session import Database
 from app.live import ServedModel, build_served_model, open_database, open_queue
+from app.live.generation import Completion, Generator, Routed, Sampling
+from app.live.prompting import Prompt, PromptRow
 from app.models import LoadedModel
 from app.queue import EditChanged, EditQueue, QueueUnavailable, Subscription
-from app.scen import Generation
 from app.settings import Settings
 from workers.embedded import start_embedded_worker
 
@@ -38,7 +40,9 @@ class Service:
         self.db = db
         self.queue = queue
         self.metrics = Metrics()
+        self.started_at = int(time.time())  # the /v1/models "created" time
         self.served: ServedModel | None = None
+        self.generator: Generator | None = None
         self.batcher: GenerateBatcher | None = None
         self.limits: EditLimits | None = None
         self.load_error: str | None = None
@@ -71,7 +75,8 @@ class Service:
                 self.on_fatal(f"the model could not be loaded: {self.load_error}")
             return
         self.limits = EditLimits(served.editor)
-        self.batcher = GenerateBatcher(served.editor, self.settings.batch_window_ms, self.settings.max_batch,
+        self.generator = Generator(served.editor)
+        self.batcher = GenerateBatcher(self.generator, self.settings.batch_window_ms, self.settings.max_batch,
                                        on_batch=self.metrics.observe_batch)
         self.batcher.start()
         if self.settings.run_embedded_worker:
@@ -169,11 +174,28 @@ class Service:
         if self.served is not None:
             self.served.sync.reconcile()
 
-    async def generate(self, prompt: str, max_new_tokens: int, temperature: float,
-                       seed: int | None) -> tuple[Generation, int]:
-        """The answer, and the version of the model that gave it."""
+    async def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
+        """The whole answer; concurrent requests share model calls. Raises ``UnsupportedChat``
+        for a chat the model cannot be asked."""
+        generator, batcher = self._generation()
+        row = await self._encode(generator, prompt)
+        return await batcher.submit(row, sampling)
+
+    async def stream(self, prompt: Prompt, sampling: Sampling) -> tuple[TokenStream, Routed]:
+        """A running generation, once its prompt has been routed, and the route."""
+        generator, _ = self._generation()
+        row = await self._encode(generator, prompt)
+        stream = TokenStream(generator, row, sampling)
+        return stream, await stream.start()
+
+    def _generation(self) -> tuple[Generator, GenerateBatcher]:
         self.require_served()
         self.metrics.generate_requests.inc()
-        if self.batcher is None:  # set before the model is served; never None here
+        if self.generator is None or self.batcher is None:  # set before the model is served; never None here
             raise NotReady("the model is still loading")
-        return await self.batcher.submit(prompt, max_new_tokens, temperature, seed)
+        return self.generator, self.batcher
+
+    @staticmethod
+    async def _encode(generator: Generator, prompt: Prompt) -> PromptRow:
+        # Off the event loop: the tokenizer's lock may be held by a stream decoding a token.
+        return await asyncio.to_thread(generator.encode, prompt)

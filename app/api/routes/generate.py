@@ -3,7 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from app.api.deps import ServiceDep, get_served
-from app.api.schemas import GenerateRequest, GenerateResponse, Routing
+from app.api.schemas import GenerateRequest, GenerateResponse, Routing, stop_strings
+from app.live.generation import Sampling
 
 router = APIRouter(tags=["generate"])
 
@@ -12,9 +13,10 @@ router = APIRouter(tags=["generate"])
              responses={422: {"description": "Invalid request"}, 503: {"description": "Not ready"}})
 async def generate_text(body: GenerateRequest, service: ServiceDep) -> GenerateResponse:
     """Answer with the live model; concurrent requests share model calls."""
-    result, version = await service.generate(body.prompt, body.max_new_tokens, body.temperature, body.seed)
+    sampling = Sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed, stop_strings(body.stop))
+    result = await service.complete(body.prompt, sampling)
     return GenerateResponse(
         text=result.text,
         routing=Routing(edit_id=result.edit_id, activation=result.activation),
-        model_version=version,
+        model_version=result.model_version,
     )
