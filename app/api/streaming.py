@@ -28,7 +28,11 @@ class TokenStream:
         """Start generating; once the prompt has been routed, the route. Raises what failed before."""
         self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._run, name="generate-stream", daemon=True).start()
-        first = await self._events.get()
+        try:
+            first = await self._events.get()
+        except asyncio.CancelledError:  # the client left while the prompt waited for the model
+            self.cancel()
+            raise
         if isinstance(first, Routed):
             return first
         self.cancel()
