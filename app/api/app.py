@@ -12,6 +12,7 @@ from app.api.errors import install_error_handlers
 from app.api.ratelimit import RateLimit
 from app.api.routes import api_router
 from app.api.service import Service
+from app.console import install_console
 from app.models import LoadedModel
 from app.settings import Settings, get_settings
 
@@ -44,4 +45,5 @@ def create_app(settings: Settings | None = None, loaded_model: LoadedModel | Non
     # Added last, so it runs first: a refused body is never read, whoever the client is.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(api_router)
+    install_console(app)
     return app
