@@ -1,7 +1,13 @@
-"""The `scen` command line: serve, worker, db, eval."""
+"""The `scen` command line: serve, worker, db, keys, eval.
+
+An error ends the command with one line on stderr and exit status 1, never a traceback
+(``--verbose`` on ``eval`` aside, which logs at debug level).
+"""
 
 from __future__ import annotations
 
+import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
 
@@ -9,11 +15,36 @@ import typer
 from pydantic import ValidationError
 
 from app.logs import configure_logging
-from app.settings import Settings, get_settings
+from app.settings import ROLES, Settings, get_settings, redact_url
 
-cli = typer.Typer(no_args_is_help=True, add_completion=False, help="SCEN model-editing service.")
+# Tracebacks are for bugs; main() turns every other failure into one line.
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help="SCEN model-editing service.",
+                  pretty_exceptions_enable=False)
 db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
 cli.add_typer(db_cli, name="db")
+keys_cli = typer.Typer(no_args_is_help=True, help="API keys stored (hashed) in the database.")
+cli.add_typer(keys_cli, name="keys")
+
+
+def _version() -> str:
+    try:
+        return version("scen-service")
+    except PackageNotFoundError:  # a checkout that was not installed
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"scen {_version()}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _main(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
+    """SCEN model-editing service."""
 
 
 def _settings() -> Settings:
@@ -21,7 +52,10 @@ def _settings() -> Settings:
     try:
         settings = get_settings()
     except ValidationError as exc:
-        raise SystemExit(f"invalid SCEN_* settings: {exc}") from None
+        # One line; hide_input_in_errors keeps the values (passwords, keys) out of it.
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+                             for e in exc.errors())
+        raise SystemExit(f"scen: invalid SCEN_* settings: {problems}") from None
     configure_logging(json_lines=settings.log_json)
     return settings
 
@@ -54,6 +88,75 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     from app.db.migrate import upgrade
 
     upgrade(revision, settings.db_url)
+
+
+def _key_database(settings: Settings):
+    from app.db.migrate import upgrade
+    from app.db.session import Database
+
+    if settings.auto_migrate:
+        upgrade("head", settings.db_url)
+    return Database(settings.db_url)
+
+
+@keys_cli.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who the key is for; events record it as the actor.")],
+    role: Annotated[str, typer.Option(help=f"One of {', '.join(ROLES)}.")] = "reader",
+) -> None:
+    """Make a key and print it, once: only its sha256 is stored."""
+    import re
+
+    if role not in ROLES:
+        raise SystemExit(f"scen: the role must be one of {', '.join(ROLES)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
+        raise SystemExit("scen: the name must be 1-64 letters, digits or _.@- characters")
+    settings = _settings()
+    from app.db.keys import KeyExists, create_key
+
+    db = _key_database(settings)
+    try:
+        with db.session() as session:
+            key = create_key(session, name, role)
+    except KeyExists as exc:
+        raise SystemExit(f"scen: {exc}") from None
+    finally:
+        db.close()
+    typer.echo(key)
+    typer.echo(f"key {name!r} ({role}) created; it is shown this once. Send it as Authorization: Bearer KEY",
+               err=True)
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    """Names, roles and dates of the stored keys (never the keys)."""
+    settings = _settings()
+    from app.db.keys import list_keys
+
+    db = _key_database(settings)
+    try:
+        with db.session() as session:
+            for info in list_keys(session):
+                typer.echo(f"{info.name}\t{info.role}\t{info.created_at}\t{'revoked' if info.revoked else 'active'}")
+    finally:
+        db.close()
+
+
+@keys_cli.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
+    """Revoke a stored key; running services refuse it within seconds."""
+    settings = _settings()
+    from app.db.keys import KeyNotFound, revoke_key
+
+    db = _key_database(settings)
+    try:
+        with db.session() as session:
+            revoke_key(session, name)
+    except KeyNotFound as exc:
+        raise SystemExit(f"scen: {exc}") from None
+    finally:
+        db.close()
+    typer.echo(f"key {name!r} revoked", err=True)
 
 
 @cli.command("eval")
@@ -97,7 +200,23 @@ def eval_(
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except KeyboardInterrupt:
+        sys.stderr.write("scen: interrupted\n")
+        sys.exit(130)
+    except Exception as exc:  # SystemExit (our own one-line refusals) passes through
+        sys.stderr.write(f"scen: {one_line(exc)}\n")
+        sys.exit(1)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line, with any password in a URL it quotes replaced by ***."""
+    import re
+
+    text = " ".join(str(exc).split()) or "no detail"
+    text = re.sub(r"[a-z][a-z0-9+.-]*://[^\s'\"]+", lambda m: redact_url(m.group(0)), text)
+    return f"{type(exc).__name__}: {text}"[:500]
 
 
 if __name__ == "__main__":

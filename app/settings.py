@@ -7,7 +7,10 @@ the values it needs as arguments.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -36,6 +39,58 @@ def redact_url(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+ROLES = ("reader", "editor", "admin")
+MIN_KEY_CHARS = 16
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """One configured API key: only its sha256 is kept."""
+
+    name: str
+    role: str
+    sha256: str
+
+    def __repr__(self) -> str:
+        return f"KeyEntry(name={self.name!r}, role={self.role!r})"
+
+
+def key_sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_api_keys(text: str) -> list[KeyEntry]:
+    """``NAME:ROLE:KEY`` or ``NAME:ROLE:sha256:HEX`` entries, comma-separated. Errors name the
+    entry by its position and name, never by its key."""
+    entries: list[KeyEntry] = []
+    for number, raw in enumerate((part.strip() for part in text.split(",")), start=1):
+        if not raw:
+            continue
+        name, _, rest = raw.partition(":")
+        role, _, key = rest.partition(":")
+        where = f"SCEN_API_KEYS entry {number}"
+        if not key:
+            raise ValueError(f"{where} is not NAME:ROLE:KEY")
+        if not _KEY_NAME.match(name):
+            raise ValueError(f"{where}: the name must be 1-64 letters, digits or _.@- characters")
+        if role not in ROLES:
+            raise ValueError(f"{where} ({name}): the role must be one of {', '.join(ROLES)}")
+        if key.startswith("sha256:"):
+            digest = key.removeprefix("sha256:").lower()
+            if not _SHA256_HEX.match(digest):
+                raise ValueError(f"{where} ({name}): sha256: must be followed by 64 hex digits")
+        elif len(key) < MIN_KEY_CHARS:
+            raise ValueError(f"{where} ({name}): the key must have at least {MIN_KEY_CHARS} characters")
+        else:
+            digest = key_sha256(key)
+        if any(e.name == name for e in entries):
+            raise ValueError(f"{where}: the name {name} is used twice")
+        entries.append(KeyEntry(name, role, digest))
+    return entries
 
 
 def _engine_config(overrides: list[str]) -> ScenConfig:
@@ -100,6 +155,13 @@ class Settings(BaseSettings):
 
     log_json: bool = False
 
+    # API keys, comma-separated entries NAME:ROLE:KEY (ROLE: reader, editor or admin), or
+    # NAME:ROLE:sha256:HEX to hold only the key's sha256. Keys made with ``scen keys create`` live
+    # in the database instead. No keys anywhere: open mode, every caller is an anonymous admin,
+    # which ``scen serve`` allows on a loopback address only, unless ``allow_open``.
+    api_keys: SecretStr | None = None
+    allow_open: bool = False
+
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, overrides: list[str]) -> list[str]:
@@ -110,6 +172,13 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"SCEN_ENGINE: {exc}") from None
         return overrides
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_api_keys(value.get_secret_value())  # raises naming the entry, never the key
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -130,6 +199,10 @@ class Settings(BaseSettings):
     def queue_url(self) -> str | None:
         """The Redis URL to connect with, password included; None: the in-process queue."""
         return None if self.redis_url is None else self.redis_url.get_secret_value()
+
+    @property
+    def api_key_entries(self) -> list[KeyEntry]:
+        return [] if self.api_keys is None else parse_api_keys(self.api_keys.get_secret_value())
 
     @property
     def engine_config(self) -> ScenConfig:

@@ -6,10 +6,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from app.api.bodylimit import BodyLimit
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.ratelimit import RateLimit
+from app.api.requestid import RequestId
 from app.api.routes import api_router
 from app.api.service import Service
 from app.console import install_console
@@ -36,14 +39,26 @@ def create_app(settings: Settings | None = None, loaded_model: LoadedModel | Non
         title="SCEN model-editing service",
         version="0.1.0",
         description="Post a correction; seconds later the live model answers with it. "
-                    "Every edit is audited and can be rolled back.",
+                    "Every edit is audited and can be rolled back.\n\n"
+                    "Authenticate with `Authorization: Bearer KEY` (roles reader < editor < admin) "
+                    "unless the service runs open. Every error has the body `{\"error\", \"error_type\"}`.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,
+        # Operation ids are the handlers' names: create_edit, list_edits, ...
+        generate_unique_id_function=_operation_id,
     )
+    install_docs(app)
     install_error_handlers(app)
     if settings.rate_limit_per_minute:
         app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute)
     # Added last, so it runs first: a refused body is never read, whoever the client is.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: every answer, refusals included, carries the request's id.
+    app.add_middleware(RequestId)
     app.include_router(api_router)
     install_console(app)
     return app
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name

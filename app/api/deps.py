@@ -8,8 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from app.api.auth import Principal
+from app.api.errors import UnsupportedMediaType
+from app.api.requestid import current_request_id
 from app.api.service import Service
 from app.api.services.edits import EditService
+from app.db.edits import Audit
 from app.live import ServedModel
 
 
@@ -43,3 +47,23 @@ def get_edit_service(service: ServiceDep, session: SessionDep) -> EditService:
 
 
 EditServiceDep = Annotated[EditService, Depends(get_edit_service)]
+
+
+def require_json(request: Request) -> None:
+    """415 for a body that is not JSON. A body without a Content-Type is read as JSON."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaType(f"the body must be JSON (Content-Type: application/json), not {media or 'empty'}")
+
+
+# Listed first among a route's dependencies after the key check: FastAPI solves them before
+# validating the body, so a text body is told 415, not a confusing 422.
+JsonBody = Depends(require_json)
+
+
+def audit_of(principal: Principal) -> Audit:
+    """Who an edit event is recorded for: the key's name, and the request's id."""
+    return Audit(principal.name, current_request_id())

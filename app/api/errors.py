@@ -13,10 +13,12 @@ from typing import Any, cast
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.api.auth import Forbidden, Unauthorized
 from app.db.edits import DuplicateEdit, EditConflict, EditNotFound, IdempotencyConflict
 from app.live.prompting import UnsupportedChat
 from app.queue import QueueUnavailable
@@ -33,8 +35,45 @@ class ModelNotFound(Exception):
     """An OpenAI-style request names a model this service does not serve."""
 
 
+class UnsupportedMediaType(Exception):
+    """A body that is not JSON sent to a route that reads JSON."""
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "examples": [{"error": "prompt: String should have at least 1 character", "error_type": "validation_error"}]})
+
+    error: str = Field(description="What went wrong, for a person")
+    error_type: str = Field(description="What went wrong, for a program: validation_error, not_found, "
+                                        "unauthorized, forbidden, conflict, duplicate_edit, ...")
+    edit_id: str | None = Field(default=None, description="duplicate_edit only: the edit this post repeats")
+
+
+# What each status means on every route that can answer it; routes add their own descriptions.
+STANDARD_ERRORS = {
+    401: "No API key, or one that is not valid (error_type unauthorized; WWW-Authenticate: Bearer)",
+    403: "The key's role does not allow this (error_type forbidden)",
+    413: "The body is over SCEN_MAX_BODY_BYTES (body_too_large)",
+    415: "The body is not JSON (unsupported_media_type)",
+    422: "The request is not valid (validation_error)",
+    429: "Too many changes from this client (rate_limited; Retry-After)",
+    503: "The model, the database or the queue is not available (not_ready, database_unavailable, "
+         "queue_unavailable; Retry-After)",
+}
+
+
+def errors(**described: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries with the service's error body, e.g. ``errors(e404="Unknown edit")``."""
+    return {int(code.removeprefix("e")): {"model": ErrorBody, "description": text} for code, text in described.items()}
+
+
 # Most specific first: the first isinstance match wins.
 _MAPPING: list[tuple[type[Exception], int, str]] = [
+    (Unauthorized, 401, "unauthorized"),
+    (Forbidden, 403, "forbidden"),
+    (UnsupportedMediaType, 415, "unsupported_media_type"),
     (IdempotencyConflict, 409, "idempotency_conflict"),
     (DuplicateEdit, 409, "duplicate_edit"),
     (EditConflict, 409, "conflict"),
@@ -48,6 +87,8 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (OperationalError, 503, "database_unavailable"),
 ]
 
+
+_HEADERS = {503: {"Retry-After": "2"}, 401: {"WWW-Authenticate": "Bearer"}}
 
 # Driver messages name hosts and ports; clients learn only which dependency failed (the log has the rest).
 _UNREACHABLE = {"database_unavailable": "the database is unreachable", "queue_unavailable": "the queue is unreachable"}
@@ -72,7 +113,7 @@ def _message(exc: BaseException) -> str:
 async def _typed(request: Request, exc: Exception) -> JSONResponse:
     for kind_cls, status, kind in _MAPPING:
         if isinstance(exc, kind_cls):
-            headers = {"Retry-After": "2"} if status == 503 else None
+            headers = _HEADERS.get(status)
             message = _UNREACHABLE.get(kind) or _message(exc)
             if kind in _UNREACHABLE:
                 log.warning("%s on %s %s: %s", message, request.method, request.url.path, exc)

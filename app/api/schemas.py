@@ -142,6 +142,52 @@ class EditsPublic(BaseModel):
     total: int
 
 
+MAX_REASON_CHARS = 1000
+Reason = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_REASON_CHARS, json_schema_extra={"pattern": _TEXT_PATTERN}),
+    AfterValidator(storable_text),
+    AfterValidator(_not_blank),
+]
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: Reason = Field(description="Why the edit is rolled back; kept in its events", examples=["OPS-2: wrong CEO"])
+
+
+class RestoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: Reason | None = Field(default=None, description="Why it is restored; kept in its events")
+
+
+class EditEventPublic(BaseModel):
+    id: int
+    edit_id: str
+    # created, training, activated, failed, superseded, rolled_back, reinstated, restored, imported
+    event: str
+    # The edit's status after the change.
+    status: EditStatus
+    # The API key's name; "anonymous" in open mode; "worker" for training outcomes.
+    actor: str
+    reason: str | None
+    request_id: str | None
+    at: datetime
+    details: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, event) -> EditEventPublic:
+        return cls(id=event.id, edit_id=event.edit_id, event=event.event, status=EditStatus(event.status),
+                   actor=event.actor, reason=event.reason, request_id=event.request_id, at=event.at,
+                   details=event.details)
+
+
+class EditEventsPublic(BaseModel):
+    items: list[EditEventPublic]
+
+
 def _sampling_temperature(value: float) -> float:
     if 0 < value < MIN_TEMPERATURE:
         raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")

@@ -7,6 +7,8 @@ import logging
 import uvicorn
 
 from app.api.app import create_app
+from app.api.auth import KeyRing, check_exposure
+from app.db.session import Database
 from app.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -16,6 +18,9 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     """Serve until stopped. Raises ``SystemExit`` with the reason when the model cannot be
     served (a model the engine settings do not fit, say): a process that could never become
     ready should stop where its supervisor sees it, not linger answering 503."""
+    refused = check_exposure(host, _has_keys(settings), settings.allow_open)
+    if refused:
+        raise SystemExit(f"scen serve: {refused}")
     queue_url = settings.queue_url
     mode = "embedded worker, in-process queue" if queue_url is None else f"Redis {redact_url(queue_url)}"
     log.info("serving on http://%s:%d (data in %s; %s)", host, port, settings.data_dir, mode)
@@ -31,3 +36,13 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     server.run()
     if fatal:
         raise SystemExit(f"scen serve stopped: {fatal[0]}")
+
+
+def _has_keys(settings: Settings) -> bool:
+    if settings.api_key_entries:
+        return True
+    db = Database(settings.db_url)
+    try:
+        return KeyRing([], db).stored > 0  # a database not made yet has none
+    finally:
+        db.close()

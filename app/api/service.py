@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app.api.auth import KeyRing
 from app.api.batching import GenerateBatcher
 from app.api.errors import NotReady
 from app.api.metrics import Metrics
@@ -39,6 +40,7 @@ class Service:
         self.on_fatal = on_fatal
         self.db = db
         self.queue = queue
+        self.keys = KeyRing(settings.api_key_entries, db)
         self.metrics = Metrics()
         self.started_at = int(time.time())  # the /v1/models "created" time
         self.served: ServedModel | None = None
@@ -59,6 +61,12 @@ class Service:
         in the background."""
         db = await asyncio.to_thread(open_database, settings)
         service = cls(settings, db, open_queue(settings), on_fatal)
+        if service.keys.open:
+            log.warning("no API keys: the service is OPEN, every client may read, edit and roll back "
+                        "(set SCEN_API_KEYS or run `scen keys create`)")
+        else:
+            log.info("API keys required (%d configured, %d in the database)", len(service.keys.configured),
+                     service.keys.stored)
         if loaded_model is not None:
             await service._go_live(loaded_model)
         else:

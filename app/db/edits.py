@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, or_, select, update
+from sqlalchemy import CursorResult, String, case, delete, func, or_, select, update
+from sqlalchemy import cast as sql_cast
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
-from app.db.models import Edit, EditStatus, utcnow
+from app.db.models import Edit, EditEvent, EditStatus, utcnow
 
 S = EditStatus
 
@@ -51,6 +53,32 @@ class DuplicateEdit(EditConflict):
 
 
 @dataclass(frozen=True)
+class Audit:
+    """Who asks for a change, recorded with it in ``edit_events``."""
+
+    actor: str
+    request_id: str | None = None
+
+
+# The worker's transitions; which worker is in the event's details.
+WORKER = Audit("worker")
+
+
+@dataclass(frozen=True)
+class EditFilter:
+    """``GET /edits`` filters; every one given must hold."""
+
+    status: EditStatus | None = None
+    q: str | None = None
+    # Edits with at least one event by this actor.
+    actor: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    # Top-level metadata keys, each with the value it must have (compared as text), or None: present.
+    metadata: tuple[tuple[str, str | None], ...] = ()
+
+
+@dataclass(frozen=True)
 class Activated:
     """An activation that won, and the active edits of the same prompt it superseded."""
 
@@ -64,6 +92,15 @@ class RolledBack:
     changed: bool
     # Edits it had superseded, active again.
     restored: list[str]
+
+
+@dataclass(frozen=True)
+class Restored:
+    edit: Edit
+    # False when the edit was already waiting or active.
+    changed: bool
+    # Active edits of the same prompt it superseded when it came back.
+    superseded: list[str]
 
 
 @dataclass(frozen=True)
@@ -96,6 +133,7 @@ def create_edit(
     idempotency_key: str | None = None,
     *,
     subject: str | None = None,
+    audit: Audit = Audit("anonymous"),
 ) -> tuple[Edit, bool]:
     """Insert a queued edit and commit. Returns (edit, created); an existing key returns its edit.
 
@@ -117,8 +155,10 @@ def create_edit(
         rephrases=list(rephrases), meta=dict(meta or {}), idempotency_key=idempotency_key,
         created_at=now, updated_at=now, attempts=0,
     )
-    session.add(edit)
     try:
+        session.add(edit)
+        session.flush()  # the edit's row before its event's
+        _record(session, edit.id, "created", S.queued, audit, at=now)
         session.commit()
     except sa_exc.IntegrityError:
         # A concurrent post with the same key won the insert.
@@ -134,6 +174,8 @@ def delete_edit(session: Session, edit_id: str) -> None:
     """Undo a create whose queue message could not be sent."""
     edit = session.get(Edit, edit_id)
     if edit is not None:
+        # The request is refused: its created event goes with it (the one delete of events).
+        session.execute(delete(EditEvent).where(EditEvent.edit_id == edit_id))
         session.delete(edit)
         session.commit()
 
@@ -145,19 +187,49 @@ def get_edit(session: Session, edit_id: str) -> Edit:
     return edit
 
 
-def list_edits(
-    session: Session, status: EditStatus | None = None, q: str | None = None, limit: int = 50, offset: int = 0
-) -> tuple[list[Edit], int]:
+def list_edits(session: Session, where: EditFilter | None = None, limit: int = 50, offset: int = 0
+               ) -> tuple[list[Edit], int]:
+    where = where or EditFilter()
     query = select(Edit)
-    if status is not None:
-        query = query.where(Edit.status == status.value)
-    if q:
-        needle = q.lower()
+    if where.status is not None:
+        query = query.where(Edit.status == where.status.value)
+    if where.q:
+        needle = where.q.lower()
         query = query.where(or_(func.lower(Edit.prompt).contains(needle, autoescape=True),
                                 func.lower(Edit.target).contains(needle, autoescape=True)))
+    if where.actor is not None:
+        query = query.where(Edit.id.in_(select(EditEvent.edit_id).where(EditEvent.actor == where.actor)))
+    if where.created_after is not None:
+        query = query.where(Edit.created_at >= where.created_after)
+    if where.created_before is not None:
+        query = query.where(Edit.created_at < where.created_before)
+    for key, value in where.metadata:
+        query = query.where(_metadata_matches(session, key, value))
     total = session.scalar(select(func.count()).select_from(query.subquery()))
     items = session.scalars(query.order_by(Edit.created_at.desc(), Edit.id.desc()).limit(limit).offset(offset))
     return list(items), int(total or 0)
+
+
+def _metadata_matches(session: Session, key: str, value: str | None) -> ColumnElement[bool]:
+    """A top-level metadata key present (``value`` None) or holding ``value``, compared as JSON
+    scalars written as text (``7``, ``true``, ``OPS-1``) on both databases."""
+    if session.get_bind().dialect.name == "postgresql":
+        text = Edit.meta[key].as_string()  # ->>: scalars as text, true as 'true'
+        return Edit.meta[key].is_not(None) if value is None else text == value
+    path = '$."' + key.replace('"', '\\"') + '"'
+    kind = func.json_type(Edit.meta, path)
+    if value is None:
+        return kind.is_not(None)
+    # json_extract answers numbers as numbers and booleans as 1/0: written out as PostgreSQL does.
+    text = case((kind == "true", "true"), (kind == "false", "false"),
+                else_=sql_cast(func.json_extract(Edit.meta, path), String))
+    return text == value
+
+
+def events_of(session: Session, edit_id: str) -> list[EditEvent]:
+    """The edit's history, oldest first. Raises ``EditNotFound``."""
+    get_edit(session, edit_id)
+    return list(session.scalars(select(EditEvent).where(EditEvent.edit_id == edit_id).order_by(EditEvent.id)))
 
 
 def live_records(session: Session) -> list[LiveRecord]:
@@ -182,18 +254,20 @@ def waiting_since(session: Session, before: datetime) -> list[str]:
     return list(rows)
 
 
-def start_training(session: Session, edit_id: str, deliveries: int, worker: str) -> Edit | None:
+def start_training(session: Session, edit_id: str, deliveries: int, worker: str,
+                   audit: Audit = WORKER) -> Edit | None:
     """queued/training -> training. None when the edit is gone, cancelled or already finished."""
     now = utcnow()
     changed = _transition(
         session, edit_id, [S.queued, S.training],
+        event=("training", S.training, audit, None, {"worker": worker, "delivery": deliveries}),
         status=S.training.value, attempts=deliveries, worker=worker, started_at=now, updated_at=now,
     )
     return session.get(Edit, edit_id, populate_existing=True) if changed else None
 
 
 def activate(
-    session: Session, edit_id: str, metrics: dict, expert_path: str, expert_sha256: str
+    session: Session, edit_id: str, metrics: dict, expert_path: str, expert_sha256: str, audit: Audit = WORKER
 ) -> Activated | None:
     """training -> active, and every other active edit of the same prompt -> superseded, in one
     transaction. None if someone else finished or cancelled it meanwhile."""
@@ -209,23 +283,31 @@ def activate(
     )
     superseded: list[str] = []
     if won:
-        superseded = list(session.scalars(
-            select(Edit.id).where(Edit.prompt_key == key, Edit.status == S.active.value, Edit.id != edit_id)
-        ))
-        for older in superseded:
-            _compare_and_set(session, older, [S.active], status=S.superseded.value, superseded_by=edit_id,
-                             updated_at=now)
+        _record(session, edit_id, "activated", S.active, audit, at=now)
+        superseded = _supersede_others(session, key, edit_id, audit, now)
     session.commit()
     return Activated(superseded) if won else None
 
 
-def fail(session: Session, edit_id: str, reason: str, attempts: int | None = None) -> bool:
+def _supersede_others(session: Session, key: str, edit_id: str, audit: Audit, now: datetime) -> list[str]:
+    """Every other active edit of the prompt -> superseded by ``edit_id``; the caller holds the prompt's lock."""
+    others = list(session.scalars(
+        select(Edit.id).where(Edit.prompt_key == key, Edit.status == S.active.value, Edit.id != edit_id)
+    ))
+    for older in others:
+        if _compare_and_set(session, older, [S.active], status=S.superseded.value, superseded_by=edit_id,
+                            updated_at=now):
+            _record(session, older, "superseded", S.superseded, audit, at=now, details={"superseded_by": edit_id})
+    return others
+
+
+def fail(session: Session, edit_id: str, reason: str, attempts: int | None = None, audit: Audit = WORKER) -> bool:
     """queued/training -> failed; ``attempts``, when given, is the final count of deliveries
     (an edit abandoned after deliveries that never reached the database)."""
     now = utcnow()
     counted = {} if attempts is None else {"attempts": attempts}
     return _transition(
-        session, edit_id, [S.queued, S.training],
+        session, edit_id, [S.queued, S.training], event=("failed", S.failed, audit, reason, None),
         status=S.failed.value, error=reason, finished_at=now, updated_at=now, **counted,
     )
 
@@ -235,7 +317,8 @@ def note_error(session: Session, edit_id: str, error: str) -> None:
     _transition(session, edit_id, [S.training], error=error, updated_at=utcnow())
 
 
-def rollback(session: Session, edit_id: str) -> RolledBack:
+def rollback(session: Session, edit_id: str, reason: str | None = None, audit: Audit = Audit("system")
+             ) -> RolledBack:
     """queued/training/active/superseded -> rolled_back; twice is harmless.
 
     The edits it superseded become active again in the same transaction. Rolling back an
@@ -255,6 +338,7 @@ def rollback(session: Session, edit_id: str) -> RolledBack:
     )
     restored: list[str] = []
     if changed:
+        _record(session, edit_id, "rolled_back", S.rolled_back, audit, reason=reason, at=now)
         # Read after the update, under its lock: superseded_by is what it was when it changed.
         successor = session.scalar(select(Edit.superseded_by).where(Edit.id == edit_id))
         replaced = list(session.scalars(
@@ -262,9 +346,11 @@ def rollback(session: Session, edit_id: str) -> RolledBack:
         ))
         for older in replaced:
             if successor is None:
-                _compare_and_set(session, older, [S.superseded], status=S.active.value, superseded_by=None,
-                                 updated_at=now)
-                restored.append(older)
+                if _compare_and_set(session, older, [S.superseded], status=S.active.value, superseded_by=None,
+                                    updated_at=now):
+                    _record(session, older, "reinstated", S.active, audit, at=now,
+                            reason=f"edit {edit_id}, which superseded it, was rolled back")
+                    restored.append(older)
             else:
                 _compare_and_set(session, older, [S.superseded], superseded_by=successor, updated_at=now)
     session.commit()
@@ -276,10 +362,62 @@ def rollback(session: Session, edit_id: str) -> RolledBack:
     return RolledBack(edit, changed, restored)
 
 
-def _transition(session: Session, edit_id: str, sources: Iterable[EditStatus], **values) -> bool:
+def restore(session: Session, edit_id: str, reason: str | None, audit: Audit, reuse_expert: bool = True) -> Restored:
+    """rolled_back -> active (it has a trained expert, and ``reuse_expert``: the file is there),
+    superseding the active edits of its prompt; or rolled_back -> queued, to be trained again.
+    An edit already waiting or active is returned unchanged; a failed or superseded one is a conflict."""
+    session.expire_all()  # the session may hold an older read of it
+    edit = get_edit(session, edit_id)
+    if edit.status in (S.queued.value, S.training.value, S.active.value):
+        return Restored(edit, False, [])
+    if edit.status != S.rolled_back.value:
+        raise EditConflict(f"edit {edit_id} is {edit.status}; only a rolled-back edit can be restored")
+    _lock_prompt(session, edit.prompt_key)
+    now = utcnow()
+    trained = reuse_expert and edit.expert_path is not None and edit.activated_at is not None
+    superseded: list[str] = []
+    if trained:
+        # Its activation time is kept: the live model orders edits by it (see LiveSync).
+        changed = _compare_and_set(session, edit_id, [S.rolled_back], status=S.active.value, rolled_back_at=None,
+                                   superseded_by=None, updated_at=now)
+        if changed:
+            _record(session, edit_id, "restored", S.active, audit, reason=reason, at=now,
+                    details={"expert_path": edit.expert_path})
+            superseded = _supersede_others(session, edit.prompt_key, edit_id, audit, now)
+    else:
+        changed = _compare_and_set(session, edit_id, [S.rolled_back], status=S.queued.value, rolled_back_at=None,
+                                   superseded_by=None, error=None, attempts=0, worker=None, started_at=None,
+                                   activated_at=None, finished_at=None, expert_path=None, expert_sha256=None,
+                                   metrics=None, updated_at=now)
+        if changed:
+            _record(session, edit_id, "restored", S.queued, audit, reason=reason, at=now,
+                    details={"retrain": True})
+    session.commit()
+    session.expire_all()
+    edit = get_edit(session, edit_id)
+    if not changed and edit.status not in (S.queued.value, S.training.value, S.active.value):
+        raise EditConflict(f"edit {edit_id} is {edit.status}; only a rolled-back edit can be restored")
+    return Restored(edit, changed, superseded)
+
+
+_Event = tuple[str, EditStatus, Audit, str | None, dict[str, Any] | None]
+
+
+def _transition(session: Session, edit_id: str, sources: Iterable[EditStatus], event: _Event | None = None,
+                **values) -> bool:
     changed = _compare_and_set(session, edit_id, sources, **values)
+    if changed and event is not None:
+        name, status, audit, reason, details = event
+        _record(session, edit_id, name, status, audit, reason=reason, details=details, at=values.get("updated_at"))
     session.commit()
     return changed
+
+
+def _record(session: Session, edit_id: str, event: str, status: EditStatus, audit: Audit, *,
+            reason: str | None = None, details: dict[str, Any] | None = None, at: datetime | None = None) -> None:
+    """Append one event to the edit's history, in the caller's transaction."""
+    session.add(EditEvent(edit_id=edit_id, event=event, status=status.value, actor=audit.actor, reason=reason,
+                          request_id=audit.request_id, at=at or utcnow(), details=details))
 
 
 def _compare_and_set(session: Session, edit_id: str, sources: Iterable[EditStatus], **values) -> bool:

@@ -82,3 +82,38 @@ class Edit(Base):
     superseded_by: Mapped[str | None] = mapped_column(
         String(32), ForeignKey("edits.id", name="fk_edits_superseded_by"), index=True
     )
+
+
+class EditEvent(Base):
+    """One state change of an edit. Rows are only ever inserted (migration 0003 makes the
+    database refuse updates), in the transaction of the change they record."""
+
+    __tablename__ = "edit_events"
+
+    # Increasing in commit order of the inserts of one edit: the order of its history.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    edit_id: Mapped[str] = mapped_column(String(32), ForeignKey("edits.id", name="fk_edit_events_edit_id"),
+                                         index=True)
+    # What happened: created, training, activated, failed, superseded, rolled_back, reinstated, restored, imported.
+    event: Mapped[str] = mapped_column(String(32))
+    # The edit's status after the change.
+    status: Mapped[str] = mapped_column(String(16))
+    # The API key's name, "anonymous" in open mode, "worker" for a worker's transitions.
+    actor: Mapped[str] = mapped_column(String(255), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    details: Mapped[dict | None] = mapped_column(JSON)
+
+
+class ApiKey(Base):
+    """A key created with ``scen keys create``; only the sha256 of the key is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

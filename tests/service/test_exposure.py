@@ -33,7 +33,7 @@ def test_default_body_limit_is_one_mebibyte(sqlite_url, tmp_path):
 def test_rate_limit_of_mutating_routes(sqlite_url, tmp_path):
     settings = make_settings(tmp_path, sqlite_url, embedded_worker=False, rate_limit_per_minute=3)
     with running(settings) as client:
-        answers = [client.post("/edits/unknown/rollback").status_code for _ in range(4)]
+        answers = [client.post("/edits/unknown/rollback", json={"reason": "test"}).status_code for _ in range(4)]
         assert answers == [404, 404, 404, 429]
         r = client.post("/edits", json={"prompt": "Who is the CEO of Acme?", "target": "x"})
         assert r.status_code == 429 and r.json()["error_type"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1

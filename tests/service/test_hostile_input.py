@@ -61,7 +61,7 @@ def test_lone_surrogate_is_refused(client):
 def test_nul_in_query_or_id_is_refused(client):
     assert_refused(client.get("/edits", params={"q": f"acme{NUL}"}), "q")
     assert_refused(client.get("/edits/abc%00def"))
-    assert_refused(client.post("/edits/abc%00def/rollback"))
+    assert_refused(client.post("/edits/abc%00def/rollback", json={"reason": "test"}))
     assert_refused(client.post("/generate", json={"prompt": f"Hi{NUL}"}), "prompt")
 
 

@@ -55,14 +55,14 @@ def test_edit_lifecycle(kind, request, tmp_path):
         assert client.get("/edits", params={"status": "active", "q": "acme"}).json()["total"] == 1
         assert client.get("/edits", params={"status": "failed"}).json()["total"] == 0
 
-        r = client.post(f"/edits/{edit_id}/rollback")
+        r = client.post(f"/edits/{edit_id}/rollback", json={"reason": "test"})
         assert r.status_code == 200 and r.json()["status"] == "rolled_back" and not r.json()["live"]
         again = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 8}).json()
         assert again["routing"]["edit_id"] is None
         assert again["text"] == before["text"]
         assert again["model_version"] > after["model_version"]
 
-        second = client.post(f"/edits/{edit_id}/rollback")
+        second = client.post(f"/edits/{edit_id}/rollback", json={"reason": "test"})
         assert second.status_code == 200 and second.json()["rolled_back_at"] == r.json()["rolled_back_at"]
         assert client.get("/ready").json()["live_edits"] == 0
 
@@ -103,7 +103,7 @@ def test_rollback_of_queued_edit_cancels_it(redis_url, redis_prefix, sqlite_url,
     settings = make_settings(tmp_path, sqlite_url, redis_url, redis_prefix, embedded_worker=False)
     with running(settings) as client:
         edit_id = client.post("/edits", json={"prompt": PROMPT, "target": TARGET}).json()["id"]
-        r = client.post(f"/edits/{edit_id}/rollback")
+        r = client.post(f"/edits/{edit_id}/rollback", json={"reason": "test"})
         assert r.json()["status"] == "rolled_back"
         with start_worker(settings) as worker:
             assert wait_for(lambda: worker.queue.pending() == 0 and worker.queue.client.xlen(

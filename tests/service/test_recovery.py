@@ -20,7 +20,7 @@ def test_restart_restores_active_edits(db, request, tmp_path):
         ids = [client.post("/edits", json={"prompt": p, "target": t}).json()["id"] for p, t in EDITS]
         for edit_id in ids:
             wait_status(client, edit_id, {"active"})
-        client.post(f"/edits/{ids[1]}/rollback")
+        client.post(f"/edits/{ids[1]}/rollback", json={"reason": "test"})
         answers = {p: client.post("/generate", json={"prompt": p, "max_new_tokens": 8}).json() for p, _ in EDITS}
 
     with running(settings) as client:  # a new process: fresh model, state only from DB + files
@@ -103,7 +103,7 @@ def test_edit_fails_after_max_deliveries(redis_url, redis_prefix, sqlite_url, tm
         assert "gave up after 2 deliveries" in edit["error"]
         assert edit["attempts"] == 2
         assert not list(Path(settings.data_dir, "experts").glob(f"{edit_id}.*"))
-        r = client.post(f"/edits/{edit_id}/rollback")
+        r = client.post(f"/edits/{edit_id}/rollback", json={"reason": "test"})
         assert r.status_code == 409 and r.json()["error_type"] == "conflict"
 
 

@@ -56,7 +56,7 @@ def test_newer_edit_supersedes_and_rollback_restores(db, request, tmp_path):
         listed = client.get("/edits", params={"status": "superseded"}).json()
         assert [e["id"] for e in listed["items"]] == [older["id"]]
 
-        r = client.post(f"/edits/{newer['id']}/rollback")
+        r = client.post(f"/edits/{newer['id']}/rollback", json={"reason": "test"})
         assert r.status_code == 200 and r.json()["status"] == "rolled_back"
         back = client.get(f"/edits/{older['id']}").json()
         assert back["status"] == "active" and back["superseded_by"] is None and back["live"]
@@ -92,7 +92,7 @@ def test_duplicate_post_is_409_naming_the_edit(db, request, tmp_path):
         assert replay.status_code == 200 and replay.json()["id"] == edit_id
 
         # After a rollback the same change may be posted again; the refused key was not consumed.
-        client.post(f"/edits/{edit_id}/rollback")
+        client.post(f"/edits/{edit_id}/rollback", json={"reason": "test"})
         again = client.post("/edits", json=same, headers={"Idempotency-Key": "k-2"})
         assert again.status_code == 202 and again.json()["id"] != edit_id
         assert client.get("/edits").json()["total"] == 2

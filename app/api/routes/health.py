@@ -4,19 +4,20 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import ServiceDep
+from app.api.errors import errors
 from app.api.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=Health)
-def read_health() -> Health:
+def health() -> Health:
     """The process is alive."""
     return Health(status="ok")
 
 
-@router.get("/ready", response_model=Ready, responses={503: {"description": "Not ready"}})
-def read_readiness(service: ServiceDep) -> Ready:
+@router.get("/ready", response_model=Ready, responses=errors(e503="Not ready: the body says which part"))
+def ready(service: ServiceDep) -> Ready:
     """The model is loaded and the database and queue answer. Status ``degraded``: some active
     edits are not served (their expert files cannot be loaded); every other prompt is."""
     served = service.check_ready()
@@ -35,5 +36,5 @@ def read_readiness(service: ServiceDep) -> Ready:
 
 
 @router.get("/metrics", include_in_schema=False)
-def read_metrics(service: ServiceDep) -> Response:
+def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(service.served), media_type=CONTENT_TYPE_LATEST)

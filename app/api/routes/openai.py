@@ -18,8 +18,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.api.deps import ServedDep, ServiceDep, get_served
-from app.api.errors import ModelNotFound
+from app.api.auth import require_reader
+from app.api.deps import JsonBody, ServedDep, ServiceDep, get_served
+from app.api.errors import ModelNotFound, errors
 from app.api.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -42,13 +43,10 @@ from app.live.prompting import Chat, Message, Prompt
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(get_served)])
+# Role reader, like /generate.
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_reader), Depends(get_served)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "The model is not served here"},
-    422: {"description": "Invalid request (n other than 1 included)"},
-    503: {"description": "Not ready"},
-}
+_ERRORS = errors(e404="The model is not served here", e422="Invalid request (n other than 1 included)")
 
 
 @router.get("/models", response_model=ModelList)
@@ -57,7 +55,7 @@ def list_models(service: ServiceDep, served: ServedDep) -> ModelList:
     return ModelList(data=[ModelCard(id=served.model_name, created=service.started_at)])
 
 
-@router.post("/completions", response_model=TextCompletion, responses=_ERRORS)
+@router.post("/completions", response_model=TextCompletion, responses=_ERRORS, dependencies=[JsonBody])
 async def create_completion(body: CompletionRequest, service: ServiceDep, served: ServedDep) -> Response:
     """The prompt is asked as ``/generate`` asks it: as the user's turn of the chat template."""
     answer = _Answer.of(body.model, served, chat=False)
@@ -72,7 +70,7 @@ async def create_completion(body: CompletionRequest, service: ServiceDep, served
     return JSONResponse(completion.model_dump(mode="json"), headers=_headers(_scen(result)))
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS, dependencies=[JsonBody])
 async def create_chat_completion(body: ChatRequest, service: ServiceDep, served: ServedDep) -> Response:
     """The messages go through the model's chat template; the answer is routed on the last user
     message. A chat of one user message is exactly ``/generate``'s prompt."""
