@@ -48,10 +48,7 @@ def candidate_keys(lm, prompts: list[str], subjects: list[str | None]) -> dict[t
         chunk, names = prompts[start : start + 16], subjects[start : start + 16]
         batch = encode(lm.tokenizer, chunk)
         seen: dict[int, torch.Tensor] = {}
-        hooks = [
-            adapter.get_down(layers[i]).register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, a[0]))
-            for i in LAYERS
-        ]
+        hooks = [adapter.get_down(layers[i]).register_forward_hook(_keep(seen, i)) for i in LAYERS]
         try:
             hidden = lm.model(**batch.model_inputs(), output_hidden_states=True, use_cache=False).hidden_states
         finally:
@@ -71,6 +68,13 @@ def candidate_keys(lm, prompts: list[str], subjects: list[str | None]) -> dict[t
                 for read, value in reads.items():
                     out.setdefault((site, layer, read), []).append(value)
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _keep(seen: dict[int, torch.Tensor], layer: int):
+    def hook(module, args, output) -> None:
+        seen[layer] = args[0]
+
+    return hook
 
 
 def compare(lm, path: Path, n: int) -> list[dict]:
