@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 
 import uvicorn
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.app import create_app
 from app.api.auth import KeyRing, check_exposure
+from app.db.models import ApiKey
 from app.db.session import Database
 from app.settings import Settings, redact_url
 
@@ -43,6 +46,16 @@ def _has_keys(settings: Settings) -> bool:
         return True
     db = Database(settings.db_url)
     try:
-        return KeyRing([], db).stored > 0  # a database not made yet has none
+        # A database not made yet (the first start migrates it later) has none, and is no reason to warn.
+        if not _has_key_table(db):
+            return False
+        return KeyRing([], db).stored > 0
     finally:
         db.close()
+
+
+def _has_key_table(db: Database) -> bool:
+    try:
+        return inspect(db.engine).has_table(ApiKey.__tablename__)
+    except SQLAlchemyError:
+        return True  # unreachable: KeyRing says so and keeps none
