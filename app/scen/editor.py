@@ -313,24 +313,30 @@ class Editor:
         return torch.cat(parts) if parts else torch.zeros(0, h_s, device=self.device)
 
     def _relation_keys(self, texts: Sequence[tuple[str, str | None]]) -> torch.Tensor:
-        """Relation keys (n, h_r) of (prompt, entity) pairs as routing reads them: the question's key,
-        the entity left out (Router), or, for the paper's neuron, the last token's key."""
-        parts = []
-        for chunk in _chunks(texts, self.batch_size):
-            batch = encode(self.tokenizer, [p for p, _ in chunk]).to(self.device)
-            relation = self._record(batch).relation  # (B, T, h_r)
-            if not self.routed.router.pooled:
-                parts.append(relation[:, -1])
-                continue
-            keep = batch.content.clone()
-            T = keep.shape[1]
-            for row, (prompt, entity) in enumerate(chunk):
-                tokens = prompt_tokens(self.tokenizer, prompt)
-                for i in subject_positions(tokens, entity) if entity else []:
-                    keep[row, T - len(tokens.ids) + i] = False
-            parts.append(question_keys(relation, keep))
+        """Relation keys (n, h_r) of (prompt, entity) pairs as routing reads them (``_read_relation``)."""
+        parts = [self._read_relation(batch, self._record(batch).relation, chunk)
+                 for chunk, batch in self._batches(texts)]
         h_r = self.adapter.down_weight(self._relation_down).shape[1]
         return torch.cat(parts) if parts else torch.zeros(0, h_r, device=self.device)
+
+    def _batches(self, texts: Sequence[tuple[str, str | None]]):
+        for chunk in _chunks(texts, self.batch_size):
+            yield chunk, encode(self.tokenizer, [p for p, _ in chunk]).to(self.device)
+
+    def _read_relation(
+        self, batch: Batch, relation: torch.Tensor, texts: Sequence[tuple[str, str | None]]
+    ) -> torch.Tensor:
+        """Each row's relation key (B, h_r) from the relation layer's keys (B, T, h_r): the question's
+        key, its entity left out (Router), or, for the paper's neuron, the last token's key."""
+        if not self.routed.router.pooled:
+            return relation[:, -1]
+        keep = batch.content.clone()
+        T = keep.shape[1]
+        for row, (prompt, entity) in enumerate(texts):
+            tokens = prompt_tokens(self.tokenizer, prompt)
+            for i in subject_positions(tokens, entity) if entity else []:
+                keep[row, T - len(tokens.ids) + i] = False
+        return question_keys(relation, keep)
 
     def _edit_recording(
         self, batch: Batch, rec: _Recorded, prompt: str, subject: str | None
@@ -409,11 +415,13 @@ class Editor:
 
     def _pool_keys(self, prompts: Sequence[str]) -> PoolKeys:
         with torch.no_grad():
-            return PoolKeys(
-                self._subject_keys(prompts),
-                self._relation_keys([(p, None) for p in prompts]),
-                self._relation_keys(negatives.generic_questions()),
-            )
+            subject, relation = [], []
+            for chunk, batch in self._batches([(p, None) for p in prompts]):  # one pass reads both layers
+                rec = self._record(batch)
+                subject.append(rec.subject[batch.content])
+                relation.append(self._read_relation(batch, rec.relation, chunk))
+            questions = self._relation_keys(negatives.generic_questions())
+            return PoolKeys(torch.cat(subject), torch.cat(relation), questions)
 
 
 def _chunks(items: Sequence, size: int):
