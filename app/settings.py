@@ -10,6 +10,7 @@ import functools
 import hashlib
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -153,6 +154,19 @@ class Settings(BaseSettings):
     # Larger request bodies are refused with 413 before they are parsed. Edits are far smaller.
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
+    # Edits one POST /edits/batch may hold.
+    max_batch_edits: int = Field(default=100, ge=1, le=1000)
+
+    # ``scen worker`` serves its own Prometheus metrics (training, failures, process) on this
+    # port when set; a worker inside ``scen serve`` adds them to the API's /metrics instead.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    # ``scen worker`` touches this file while its loop turns; ``scen worker --check`` reads it.
+    # None: heartbeats/<host name>.json under the data directory (one file per container).
+    worker_heartbeat_file: Path | None = None
+    # ``scen worker --check`` fails when the heartbeat is older than this.
+    worker_heartbeat_max_age_s: float = Field(default=60.0, gt=0)
+
     log_json: bool = False
 
     # API keys, comma-separated entries NAME:ROLE:KEY (ROLE: reader, editor or admin), or
@@ -207,6 +221,12 @@ class Settings(BaseSettings):
     @property
     def engine_config(self) -> ScenConfig:
         return _engine_config(self.engine)
+
+    @property
+    def heartbeat_path(self) -> Path:
+        if self.worker_heartbeat_file is not None:
+            return self.worker_heartbeat_file
+        return self.data_dir / "heartbeats" / f"{socket.gethostname()}.json"
 
     @property
     def run_embedded_worker(self) -> bool:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.api.auth import Forbidden, Unauthorized
-from app.db.edits import DuplicateEdit, EditConflict, EditNotFound, IdempotencyConflict
+from app.db.edits import DuplicateEdit, EditConflict, EditNotFound, IdempotencyConflict, ItemRefused, RepeatedItem
 from app.live.prompting import UnsupportedChat
 from app.queue import QueueUnavailable
 from app.scen import InvalidEditError, UnknownEditError
@@ -49,6 +49,7 @@ class ErrorBody(BaseModel):
     error_type: str = Field(description="What went wrong, for a program: validation_error, not_found, "
                                         "unauthorized, forbidden, conflict, duplicate_edit, ...")
     edit_id: str | None = Field(default=None, description="duplicate_edit only: the edit this post repeats")
+    index: int | None = Field(default=None, description="POST /edits/batch only: the item refused (from 0)")
 
 
 # What each status means on every route that can answer it; routes add their own descriptions.
@@ -82,6 +83,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (InvalidEditError, 422, "invalid_edit"),
     (ModelNotFound, 404, "not_found"),
     (UnsupportedChat, 422, "validation_error"),
+    (RepeatedItem, 422, "validation_error"),
     (NotReady, 503, "not_ready"),
     (QueueUnavailable, 503, "queue_unavailable"),
     (OperationalError, 503, "database_unavailable"),
@@ -111,23 +113,35 @@ def _message(exc: BaseException) -> str:
 
 
 async def _typed(request: Request, exc: Exception) -> JSONResponse:
+    # A batch item's refusal answers as the refusal itself would, naming the item.
+    item = exc if isinstance(exc, ItemRefused) else None
+    cause = item.error if item is not None else exc
     for kind_cls, status, kind in _MAPPING:
-        if isinstance(exc, kind_cls):
+        if isinstance(cause, kind_cls):
             headers = _HEADERS.get(status)
-            message = _UNREACHABLE.get(kind) or _message(exc)
+            message = _UNREACHABLE.get(kind) or _message(cause)
             if kind in _UNREACHABLE:
-                log.warning("%s on %s %s: %s", message, request.method, request.url.path, exc)
-            return error_response(status, message, kind, headers, _fields(exc))
+                log.warning("%s on %s %s: %s", message, request.method, request.url.path, cause)
+            fields = _fields(cause)
+            if item is not None:
+                message, fields = f"edits[{item.index}]: {message}", {**fields, "index": item.index}
+            return error_response(status, message, kind, headers, fields)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error", "internal_error")
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     parts = []
+    indexes = []
     for err in cast(RequestValidationError, exc).errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        loc = tuple(err.get("loc", ()))
+        where = ".".join(str(p) for p in loc if p != "body")
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return error_response(422, "; ".join(parts) or "invalid request", "validation_error")
+        if loc[:2] == ("body", "edits") and len(loc) > 2 and isinstance(loc[2], int):
+            indexes.append(loc[2])
+    # A batch says which item is wrong first.
+    fields = {"index": min(indexes)} if indexes else None
+    return error_response(422, "; ".join(parts) or "invalid request", "validation_error", fields=fields)
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
@@ -164,4 +178,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)
     for kind_cls, _, _ in _MAPPING:
         app.add_exception_handler(kind_cls, _typed)
+    app.add_exception_handler(ItemRefused, _typed)
     app.add_exception_handler(Exception, _typed)

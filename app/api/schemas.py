@@ -79,6 +79,17 @@ class EditCreate(BaseModel):
         return value
 
 
+# The most a batch body may hold whatever SCEN_MAX_BATCH_EDITS says (its own upper bound).
+MAX_BATCH_EDITS = 1000
+
+
+class EditBatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    edits: list[EditCreate] = Field(min_length=1, max_length=MAX_BATCH_EDITS,
+                                    description="Checked all before any is written; at most SCEN_MAX_BATCH_EDITS")
+
+
 class EditMetrics(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -140,6 +151,12 @@ class EditPublic(BaseModel):
 class EditsPublic(BaseModel):
     items: list[EditPublic]
     total: int
+
+
+class EditBatchPublic(BaseModel):
+    # In the order posted.
+    ids: list[str]
+    items: list[EditPublic]
 
 
 MAX_REASON_CHARS = 1000

@@ -15,7 +15,7 @@ import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, String, case, delete, func, or_, select, update
@@ -50,6 +50,30 @@ class DuplicateEdit(EditConflict):
         super().__init__(f"edit {existing.id} ({existing.status}) already makes this change; "
                          "roll it back first to post it again")
         self.edit_id = existing.id
+
+
+class ItemRefused(Exception):
+    """One item of a batch cannot be accepted (``error`` says why); nothing of the batch was written."""
+
+    def __init__(self, index: int, error: Exception):
+        super().__init__(f"edits[{index}]: {error}")
+        self.index = index
+        self.error = error
+
+
+class RepeatedItem(ValueError):
+    """A batch states the same change twice."""
+
+
+@dataclass(frozen=True)
+class NewEdit:
+    """One edit of a batch, as posted."""
+
+    prompt: str
+    target: str
+    rephrases: Sequence[str] = ()
+    meta: dict | None = None
+    subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +192,78 @@ def create_edit(
             raise
         return _same_request(existing, prompt, target, rephrases, subject), False
     return edit, True
+
+
+def create_edits(session: Session, items: Sequence[NewEdit], idempotency_key: str | None = None, *,
+                 audit: Audit = Audit("anonymous")) -> tuple[list[Edit], bool]:
+    """Insert every item as a queued edit in one transaction, or none. Returns (edits, created).
+
+    The rules of ``create_edit`` hold for each item; ``ItemRefused`` names the first item that
+    breaks one. With ``idempotency_key`` item ``i`` is stored under ``KEY#i``: a retry of the same
+    batch returns its edits, and the key used for any other batch is an ``IdempotencyConflict``.
+    """
+    keys = [None if idempotency_key is None else f"{idempotency_key}#{i}" for i in range(len(items))]
+    if idempotency_key is not None:
+        replay = _batch_replay(session, items, idempotency_key)
+        if replay is not None:
+            return replay, False
+    now = utcnow()
+    edits: list[Edit] = []
+    seen: dict[tuple[str, str], int] = {}
+    for index, (item, key) in enumerate(zip(items, keys)):
+        pkey = prompt_key(item.prompt)
+        earlier = seen.setdefault((pkey, normalise(item.target)), index)
+        if earlier != index:
+            raise ItemRefused(index, RepeatedItem(f"makes the same change as edits[{earlier}]"))
+        duplicate = _duplicate(session, pkey, item.target, item.subject)
+        if duplicate is not None:
+            raise ItemRefused(index, DuplicateEdit(duplicate))
+        edits.append(Edit(
+            id=new_id(), status=S.queued.value, prompt=item.prompt, target=item.target, subject=item.subject,
+            prompt_key=pkey, rephrases=list(item.rephrases), meta=dict(item.meta or {}), idempotency_key=key,
+            # One microsecond apart: listings and activation keep the batch's order.
+            created_at=now + timedelta(microseconds=index), updated_at=now, attempts=0,
+        ))
+    try:
+        session.add_all(edits)
+        session.flush()
+        for edit in edits:
+            _record(session, edit.id, "created", S.queued, audit, at=edit.created_at,
+                    details={"batch": len(edits)})
+        session.commit()
+    except sa_exc.IntegrityError:
+        # A concurrent retry of the same batch won the insert.
+        session.rollback()
+        replay = _batch_replay(session, items, idempotency_key) if idempotency_key else None
+        if replay is None:
+            raise
+        return replay, False
+    return edits, True
+
+
+def _batch_replay(session: Session, items: Sequence[NewEdit], key: str) -> list[Edit] | None:
+    """The edits of an earlier batch posted with ``key``; None when the key is unused."""
+    names = [f"{key}#{i}" for i in range(len(items) + 1)]
+    found = {e.idempotency_key: e for e in session.scalars(select(Edit).where(Edit.idempotency_key.in_(names)))}
+    if not found:
+        return None
+    if len(found) != len(items) or names[-1] in found:
+        raise IdempotencyConflict("this Idempotency-Key was already used for a different batch")
+    replay = []
+    for index, item in enumerate(items):
+        try:
+            replay.append(_same_request(found[names[index]], item.prompt, item.target, item.rephrases, item.subject))
+        except IdempotencyConflict as exc:
+            raise ItemRefused(index, exc) from None
+    return replay
+
+
+def delete_edits(session: Session, edit_ids: Sequence[str]) -> None:
+    """Undo a batch whose queue messages could not all be sent: its edits and their events, at once."""
+    session.rollback()
+    session.execute(delete(EditEvent).where(EditEvent.edit_id.in_(edit_ids)))
+    session.execute(delete(Edit).where(Edit.id.in_(edit_ids)))
+    session.commit()
 
 
 def delete_edit(session: Session, edit_id: str) -> None:

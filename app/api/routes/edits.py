@@ -4,16 +4,19 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime
 
 from app.api.auth import Admin, Editor, Reader, require_admin, require_editor
-from app.api.deps import EditServiceDep, JsonBody, audit_of, get_served
+from app.api.deps import EditServiceDep, JsonBody, ServiceDep, audit_of, get_served
 from app.api.errors import errors
 from app.api.inputs import storable_text
 from app.api.schemas import (
     MAX_LIST_LIMIT,
     MAX_LIST_OFFSET,
     MAX_TEXT_CHARS,
+    EditBatchCreate,
+    EditBatchPublic,
     EditCreate,
     EditEventsPublic,
     EditPublic,
@@ -25,6 +28,9 @@ from app.db.edits import EditFilter
 from app.db.models import EditStatus
 
 router = APIRouter(prefix="/edits", tags=["edits"])
+
+# Item i of a batch is stored under KEY#i, within the column's 255 characters.
+MAX_BATCH_KEY_CHARS = 240
 
 # Ids and search text reach SQL; they must be storable text like everything else.
 EditId = Annotated[str, Path(), AfterValidator(storable_text)]
@@ -61,6 +67,37 @@ def create_edit(
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/edits/{edit.id}"
     return edit
+
+
+@router.post("/batch", status_code=status.HTTP_202_ACCEPTED, response_model=EditBatchPublic,
+             dependencies=[Depends(require_editor), JsonBody, Depends(get_served)],
+             responses={200: {"description": "Replay of an earlier batch with the same Idempotency-Key"},
+                        **errors(e409="An item repeats a waiting or active edit (duplicate_edit, with its edit_id), "
+                                      "or the Idempotency-Key was used for another batch (idempotency_conflict); "
+                                      "`index` names the item",
+                                 e422="An item is invalid (validation_error) or cannot be trained (invalid_edit), "
+                                      "or there are more than SCEN_MAX_BATCH_EDITS; `index` names the item")})
+def create_edits(
+    principal: Editor,
+    body: EditBatchCreate,
+    edits: EditServiceDep,
+    service: ServiceDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=MAX_BATCH_KEY_CHARS)] = None,
+) -> EditBatchPublic:
+    """Queue several edits at once (role editor), under the rules of ``POST /edits`` for each.
+    Every item is checked before any is written: one refused item refuses the batch, and the
+    error names it (``index``). Workers train them in the order given, one after another."""
+    limit = service.settings.max_batch_edits
+    if len(body.edits) > limit:
+        raise RequestValidationError([{"loc": ("body", "edits"), "type": "too_long",
+                                       "msg": f"at most {limit} edits per batch (SCEN_MAX_BATCH_EDITS), "
+                                              f"not {len(body.edits)}"}])
+    batch, created = edits.create_batch(body.edits, idempotency_key, audit_of(principal))
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    return batch
 
 
 @router.get("", response_model=EditsPublic)

@@ -7,12 +7,20 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from app.api.schemas import EditCreate, EditEventPublic, EditEventsPublic, EditPublic, EditsPublic
+from app.api.schemas import (
+    EditBatchPublic,
+    EditCreate,
+    EditEventPublic,
+    EditEventsPublic,
+    EditPublic,
+    EditsPublic,
+)
 from app.api.service import Service
 from app.db import edits as repo
-from app.db.edits import Audit, EditFilter
+from app.db.edits import Audit, EditFilter, ItemRefused, NewEdit
 from app.db.models import Edit, EditStatus
 from app.queue import EditChanged, QueueUnavailable
+from app.scen import InvalidEditError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,30 @@ class EditService:
         if created:
             self._enqueue(edit.id)
         return self._public(edit), created
+
+    def create_batch(self, items: list[EditCreate], idempotency_key: str | None, audit: Audit
+                     ) -> tuple[EditBatchPublic, bool]:
+        """Every item checked, then all recorded in one transaction and queued in order, or none:
+        ``ItemRefused`` names the first item refused. Returns (edits, created)."""
+        for index, body in enumerate(items):
+            try:
+                self.service.check_edit(body.prompt, body.target, body.rephrases, body.subject)
+            except InvalidEditError as exc:
+                raise ItemRefused(index, exc) from None
+        news = [NewEdit(b.prompt, b.target, b.rephrases, b.metadata, b.subject) for b in items]
+        edits, created = repo.create_edits(self.session, news, idempotency_key, audit=audit)
+        ids = [e.id for e in edits]
+        if created:
+            try:
+                for edit_id in ids:
+                    self.service.queue.enqueue(edit_id)
+            except QueueUnavailable:
+                # Messages already sent find no edit and are dropped by the worker.
+                repo.delete_edits(self.session, ids)
+                raise
+            self.service.metrics.edits_created.inc(len(ids))
+            log.info("batch of %d edits queued: %s", len(ids), ", ".join(ids))
+        return EditBatchPublic(ids=ids, items=[self._public(e) for e in edits]), created
 
     def _enqueue(self, edit_id: str) -> None:
         try:
