@@ -24,6 +24,8 @@ db_cli = typer.Typer(no_args_is_help=True, help="Database schema.")
 cli.add_typer(db_cli, name="db")
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys stored (hashed) in the database.")
 cli.add_typer(keys_cli, name="keys")
+edits_cli = typer.Typer(no_args_is_help=True, help="Live edits moved between deployments of one model.")
+cli.add_typer(edits_cli, name="edits")
 
 
 def _version() -> str:
@@ -157,6 +159,57 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
     finally:
         db.close()
     typer.echo(f"key {name!r} revoked", err=True)
+
+
+@edits_cli.command("export")
+def edits_export(path: Annotated[Path, typer.Argument(help="The archive to write (a tar file).")]) -> None:
+    """Write every active edit (metadata, expert and neuron tensors, sha256) and the fingerprint of
+    the model, layers and key normalisation they were trained for to one archive."""
+    settings = _settings()
+    from app.live.archive import ArchiveError, export_edits, fingerprint_of
+
+    here = fingerprint_of(settings.model, settings.engine_config, settings.cache_dir)
+    db = _key_database(settings)
+    try:
+        done = export_edits(db, settings.data_dir, here, path)
+    except ArchiveError as exc:
+        raise SystemExit(f"scen edits export: {exc}") from None
+    finally:
+        db.close()
+    typer.echo(f"exported {done.edits} edits to {path} (model {here.model}, layers {here.layers})")
+
+
+@edits_cli.command("import")
+def edits_import(path: Annotated[Path, typer.Argument(help="An archive written by `scen edits export`.")]) -> None:
+    """Make an archive's edits active here. Refused, with nothing written, unless they were trained
+    for this deployment's model, layers and key normalisation; importing again changes nothing."""
+    settings = _settings()
+    from app.live import open_queue
+    from app.live.archive import ArchiveError, fingerprint_of, import_edits
+    from app.queue import EditChanged
+
+    here = fingerprint_of(settings.model, settings.engine_config, settings.cache_dir)
+    db = _key_database(settings)
+    try:
+        done = import_edits(db, settings.data_dir, here, path)
+    except ArchiveError as exc:
+        raise SystemExit(f"scen edits import: {exc}") from None
+    finally:
+        db.close()
+    if settings.queue_url is not None and (done.imported or done.superseded):
+        # Running API processes follow at once (else at their next reconciliation).
+        queue = open_queue(settings)
+        try:
+            for edit_id in done.imported:
+                queue.publish(EditChanged(edit_id, "active").to_dict())
+            for edit_id in done.superseded:
+                queue.publish(EditChanged(edit_id, "superseded").to_dict())
+        finally:
+            queue.close()
+    for edit_id, why in done.skipped.items():
+        typer.echo(f"skipped {edit_id}: {why}", err=True)
+    typer.echo(f"imported {len(done.imported)} edits from {path} ({len(done.skipped)} skipped, "
+               f"{len(done.superseded)} local edits superseded)")
 
 
 @cli.command("eval")

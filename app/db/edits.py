@@ -340,6 +340,73 @@ def live_records(session: Session) -> list[LiveRecord]:
     return [LiveRecord(edit_id, path or "", sha) for edit_id, path, sha in rows]
 
 
+def active_edits(session: Session) -> list[Edit]:
+    """Active edits in the order they went live (as ``live_records``), whole."""
+    return list(session.scalars(
+        select(Edit).where(Edit.status == S.active.value).order_by(Edit.activated_at, Edit.id)
+    ))
+
+
+@dataclass(frozen=True)
+class ImportedEdit:
+    """An active edit brought from another deployment, with its expert file already in place here."""
+
+    id: str
+    prompt: str
+    target: str
+    subject: str | None
+    rephrases: list[str]
+    meta: dict
+    metrics: dict | None
+    created_at: datetime
+    expert_path: str
+    expert_sha256: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    imported: list[str]
+    # Edits not imported, with the reason: already here (a re-import), or a duplicate of a local edit.
+    skipped: dict[str, str]
+    # Local active edits of an imported prompt, now superseded by the imported edit.
+    superseded: list[str]
+
+
+def import_active(session: Session, items: Sequence[ImportedEdit], audit: Audit) -> ImportOutcome:
+    """Insert ``items`` as active edits, in order, in one transaction: each goes live after every
+    edit already here and supersedes the active edit of its prompt, as an activation does. An id
+    already here, or a change a waiting or active edit already makes, is skipped."""
+    now = utcnow()
+    imported: list[str] = []
+    skipped: dict[str, str] = {}
+    superseded: list[str] = []
+    for index, item in enumerate(items):
+        existing = session.get(Edit, item.id)
+        if existing is not None:
+            skipped[item.id] = f"already here ({existing.status})"
+            continue
+        key = prompt_key(item.prompt)
+        _lock_prompt(session, key)
+        duplicate = _duplicate(session, key, item.target, item.subject)
+        if duplicate is not None:
+            skipped[item.id] = f"edit {duplicate.id} ({duplicate.status}) already makes this change"
+            continue
+        at = now + timedelta(microseconds=index)
+        session.add(Edit(
+            id=item.id, status=S.active.value, prompt=item.prompt, target=item.target, subject=item.subject,
+            prompt_key=key, rephrases=list(item.rephrases), meta=dict(item.meta), idempotency_key=None,
+            created_at=item.created_at, updated_at=at, activated_at=at, finished_at=at, attempts=0,
+            metrics=item.metrics, expert_path=item.expert_path, expert_sha256=item.expert_sha256,
+        ))
+        session.flush()
+        _record(session, item.id, "imported", S.active, audit, at=at, details=item.details)
+        superseded += _supersede_others(session, key, item.id, audit, at)
+        imported.append(item.id)
+    session.commit()
+    return ImportOutcome(imported, skipped, superseded)
+
+
 def waiting_since(session: Session, before: datetime) -> list[str]:
     """Queued or training edits last changed before ``before``."""
     rows = session.scalars(
