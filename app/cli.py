@@ -75,9 +75,18 @@ def serve(
 
 
 @cli.command()
-def worker() -> None:
+def worker(
+    check: Annotated[bool, typer.Option("--check", help="Exit 0 when this host's worker is alive (its heartbeat "
+                                                        "is fresh), else 1: a container healthcheck.")] = False,
+) -> None:
     """Start an edit worker that consumes the Redis queue."""
     settings = _settings()
+    if check:
+        from workers.main import check as check_worker
+
+        alive, line = check_worker(settings)
+        typer.echo(line, err=not alive)
+        raise typer.Exit(0 if alive else 1)
     from workers.main import run as run_worker
 
     run_worker(settings)

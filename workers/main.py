@@ -2,6 +2,10 @@
 
 First SIGTERM/SIGINT: finish the current edit, then stop (warm). Second: exit at once
 (cold); the unacknowledged message is reclaimed by another worker.
+
+While its loop turns it keeps a heartbeat file fresh (``scen worker --check`` reads it: the
+container's healthcheck), and with ``SCEN_WORKER_METRICS_PORT`` it serves its Prometheus metrics
+(training, failures, heartbeat, process) there.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import signal
 import threading
 from types import FrameType
 
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, start_http_server
+
 from app.live import build_served_model, open_database, open_queue
 from app.settings import Settings
+from workers.metrics import check as check_heartbeat
 from workers.worker import build_worker
 
 log = logging.getLogger(__name__)
@@ -24,9 +31,15 @@ def run(settings: Settings) -> None:
         raise SystemExit(
             "scen worker needs SCEN_REDIS_URL: without Redis the worker runs inside `scen serve` instead"
         )
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    if settings.worker_metrics_port is not None:
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host, registry=registry)
+        log.info("worker metrics on http://%s:%d/metrics", settings.worker_metrics_host, settings.worker_metrics_port)
     db = open_database(settings)
     queue = open_queue(settings)
-    worker = build_worker(settings, build_served_model(settings, db), db, queue)
+    worker = build_worker(settings, build_served_model(settings, db), db, queue, registry=registry, heartbeat=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -41,5 +54,11 @@ def run(settings: Settings) -> None:
     try:
         worker.run(stop)
     finally:
+        settings.heartbeat_path.unlink(missing_ok=True)  # a stopped worker is not alive
         queue.close()
         db.close()
+
+
+def check(settings: Settings) -> tuple[bool, str]:
+    """``scen worker --check``: whether this host's worker beat within SCEN_WORKER_HEARTBEAT_MAX_AGE_S."""
+    return check_heartbeat(settings.heartbeat_path, settings.worker_heartbeat_max_age_s)

@@ -8,6 +8,7 @@ lost are sent again by ``requeue_lost``, the one place that re-sends work.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
@@ -15,9 +16,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential
 
@@ -25,9 +27,11 @@ from app.db import edits as repo
 from app.db.models import EditStatus, utcnow
 from app.db.session import Database, database_unreachable
 from app.live import ServedModel
+from app.logs import edit_id_var, request_id_var
 from app.queue import Delivery, EditChanged, EditQueue
 from app.scen import ScenError, TrainedEdit
 from app.settings import Settings
+from workers.metrics import Heartbeat, WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class EditWorker:
         after_save: Callable[[str], None] | None = None,
         requeue_after_s: float = 60.0,
         db_retry_s: float = 300.0,
+        metrics: WorkerMetrics | None = None,
+        heartbeat: Heartbeat | None = None,
     ):
         self.served = served
         self.db = db
@@ -65,11 +71,21 @@ class EditWorker:
         self.requeue_after_s = requeue_after_s
         self.db_retry_s = db_retry_s
         self._next_sweep = time.monotonic() + requeue_after_s
+        self.metrics = metrics
+        self.heartbeat = heartbeat
+
+    def beat(self) -> None:
+        """The worker is alive: its loop turned, or it is still working on an edit."""
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
+        if self.metrics is not None:
+            self.metrics.heartbeat.labels(self.name).set_to_current_time()
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.name)
         backoff = 0.5
         while not stop.is_set():
+            self.beat()
             try:
                 delivery = self.queue.take(self.name, self.block_ms)
                 backoff = 0.5
@@ -116,17 +132,38 @@ class EditWorker:
         return lost
 
     def handle(self, delivery: Delivery) -> None:
-        done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(delivery, done), daemon=True,
-                                name=f"heartbeat-{delivery.edit_id[:8]}")
-        beat.start()
+        # Every log line about this edit carries its id and the id of the request that queued it.
+        edit_token = edit_id_var.set(delivery.edit_id)
+        request_token = request_id_var.set(self._request_id(delivery.edit_id))
         try:
-            self._handle(delivery)
+            done = threading.Event()
+            context = contextvars.copy_context()
+            beat = threading.Thread(target=context.run, args=(self._heartbeat, delivery, done), daemon=True,
+                                    name=f"heartbeat-{delivery.edit_id[:8]}")
+            beat.start()
+            try:
+                self._handle(delivery)
+            finally:
+                done.set()
         finally:
-            done.set()
+            request_id_var.reset(request_token)
+            edit_id_var.reset(edit_token)
+
+    def _request_id(self, edit_id: str) -> str | None:
+        try:
+            with self.db.session() as session:
+                return repo.request_id_of(session, edit_id)
+        except Exception:  # only for the logs: an unreachable database is met, and retried, below
+            return None
 
     def _heartbeat(self, delivery: Delivery, done: threading.Event) -> None:
-        while not done.wait(self.heartbeat_s):
+        # Beats at least every second while training, however long the queue's heartbeat interval.
+        last_touch = time.monotonic()
+        while not done.wait(min(1.0, self.heartbeat_s)):
+            self.beat()
+            if time.monotonic() - last_touch < self.heartbeat_s:
+                continue
+            last_touch = time.monotonic()
             try:
                 self.queue.touch(delivery, self.name)
             except Exception as exc:
@@ -159,7 +196,7 @@ class EditWorker:
         edit_id = delivery.edit_id
         if delivery.deliveries > self.max_deliveries:
             self._give_up(delivery, self._abandoned_reason(edit_id, delivery.deliveries - 1),
-                          attempts=delivery.deliveries - 1)
+                          attempts=delivery.deliveries - 1, kind="abandoned")
             return
         edit = self._in_database(repo.start_training, edit_id, delivery.deliveries, self.name)
         if edit is None:
@@ -172,7 +209,7 @@ class EditWorker:
             self._until_database_answers(self.served.sync.reconcile)
             trained = self.served.editor.train(edit.prompt, edit.target, tuple(edit.rephrases), subject=edit.subject)
         except ScenError as exc:
-            self._give_up(delivery, f"{type(exc).__name__}: {exc}")
+            self._give_up(delivery, f"{type(exc).__name__}: {exc}", kind="invalid_edit")
             return
         except Exception as exc:
             log.exception("training edit %s failed", edit_id)
@@ -181,9 +218,9 @@ class EditWorker:
         path, sha = self.served.experts.save(edit_id, trained)
         if self.after_save is not None:
             self.after_save(edit_id)
-        self._succeed(delivery, trained, path, sha)
+        self._succeed(delivery, trained, path, sha, edit.created_at)
 
-    def _succeed(self, delivery: Delivery, trained: TrainedEdit, path: str, sha: str) -> None:
+    def _succeed(self, delivery: Delivery, trained: TrainedEdit, path: str, sha: str, posted: datetime) -> None:
         edit_id = delivery.edit_id
         # The subject it was trained on, given or inferred, is part of the audit record.
         metrics = _jsonable({**trained.metrics, "subject": trained.subject})
@@ -193,6 +230,10 @@ class EditWorker:
             # (Which edits it superseded is not known any more; the reconcile below follows them.)
             activated = repo.Activated([])
         if activated is not None:
+            if self.metrics is not None:
+                self.metrics.training_seconds.observe(float(trained.metrics.get("seconds", 0.0)))
+                self.metrics.training_steps.observe(float(trained.metrics.get("steps", 0)))
+                self.metrics.post_to_active.observe(max(0.0, (utcnow() - posted).total_seconds()))
             self.served.experts.discard_others(edit_id, keep=path)
             self._until_database_answers(lambda: self.served.sync.reconcile({edit_id: trained}))
             log.info("edit %s active (%d steps, %.2fs)%s", edit_id, trained.metrics.get("steps", -1),
@@ -208,8 +249,11 @@ class EditWorker:
             for older in activated.superseded:
                 self.queue.publish(EditChanged(older, EditStatus.superseded).to_dict())
 
-    def _give_up(self, delivery: Delivery, reason: str, attempts: int | None = None) -> None:
+    def _give_up(self, delivery: Delivery, reason: str, attempts: int | None = None,
+                 kind: str = "training_error") -> None:
         changed = self._in_database(repo.fail, delivery.edit_id, reason, attempts)
+        if changed and self.metrics is not None:
+            self.metrics.failures.labels(kind).inc()
         if changed:
             # A failed edit is never served: files an attempt wrote before the failure are orphans.
             self.served.experts.discard_all(delivery.edit_id)
@@ -267,12 +311,18 @@ def build_worker(
     name: str | None = None,
     block_ms: int = 1000,
     after_save: Callable[[str], None] | None = None,
+    registry: CollectorRegistry | None = None,
+    heartbeat: bool = False,
 ) -> EditWorker:
-    """The one place a worker takes its limits from settings."""
+    """The one place a worker takes its limits from settings. ``registry``: where its metrics go;
+    ``heartbeat``: keep ``settings.heartbeat_path`` fresh for ``scen worker --check``."""
+    name = name or worker_name()
     return EditWorker(
         served, db, queue, max_deliveries=settings.max_deliveries, claim_idle_ms=settings.claim_idle_ms,
         requeue_after_s=settings.requeue_after_s, db_retry_s=settings.db_retry_seconds, name=name,
         block_ms=block_ms, after_save=after_save,
+        metrics=WorkerMetrics.of(registry) if registry is not None else None,
+        heartbeat=Heartbeat(settings.heartbeat_path, name) if heartbeat else None,
     )
 
 

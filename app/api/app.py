@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from app.api.bodylimit import BodyLimit
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
+from app.api.metrics import Metrics
 from app.api.ratelimit import RateLimit
 from app.api.requestid import RequestId
 from app.api.routes import api_router
@@ -25,10 +26,11 @@ def create_app(settings: Settings | None = None, loaded_model: LoadedModel | Non
     """``loaded_model`` replaces loading ``settings.model`` (tests pass a tiny model).
     ``on_fatal(reason)`` is called when the model cannot be served at all (see ``Service``)."""
     settings = settings or get_settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await Service.start(settings, loaded_model, on_fatal)
+        service = await Service.start(settings, loaded_model, on_fatal, metrics=metrics)
         app.state.service = service
         try:
             yield
@@ -53,6 +55,8 @@ def create_app(settings: Settings | None = None, loaded_model: LoadedModel | Non
         app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute)
     # Added last, so it runs first: a refused body is never read, whoever the client is.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outside the limits, so refusals (413, 429) are counted too.
+    metrics.instrument(app)
     # Outermost: every answer, refusals included, carries the request's id.
     app.add_middleware(RequestId)
     app.include_router(api_router)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class Service:
     def __init__(self, settings: Settings, db: Database, queue: EditQueue,
-                 on_fatal: Callable[[str], None] | None = None):
+                 on_fatal: Callable[[str], None] | None = None, metrics: Metrics | None = None):
         self.settings = settings
         # Told why when the model cannot be served at all: ``scen serve`` exits with the reason
         # rather than staying up never ready. Without it /ready keeps answering 503 with the reason.
@@ -41,7 +41,8 @@ class Service:
         self.db = db
         self.queue = queue
         self.keys = KeyRing(settings.api_key_entries, db)
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_state(db, queue)
         self.started_at = int(time.time())  # the /v1/models "created" time
         self.served: ServedModel | None = None
         self.generator: Generator | None = None
@@ -56,11 +57,11 @@ class Service:
 
     @classmethod
     async def start(cls, settings: Settings, loaded_model: LoadedModel | None = None,
-                    on_fatal: Callable[[str], None] | None = None) -> Service:
+                    on_fatal: Callable[[str], None] | None = None, metrics: Metrics | None = None) -> Service:
         """Open the database and queue; serve ``loaded_model`` at once, or load ``settings.model``
         in the background."""
         db = await asyncio.to_thread(open_database, settings)
-        service = cls(settings, db, open_queue(settings), on_fatal)
+        service = cls(settings, db, open_queue(settings), on_fatal, metrics)
         if service.keys.open:
             log.warning("no API keys: the service is OPEN, every client may read, edit and roll back "
                         "(set SCEN_API_KEYS or run `scen keys create`)")
@@ -89,7 +90,8 @@ class Service:
         self.batcher.start()
         if self.settings.run_embedded_worker:
             # Before the model is served, so no edit can be posted while the worker starts.
-            worker = await asyncio.to_thread(start_embedded_worker, self.settings, served, self.db, self.queue)
+            worker = await asyncio.to_thread(start_embedded_worker, self.settings, served, self.db, self.queue,
+                                             self.metrics.registry)
             self._threads.append(worker)
         self.served = served
         follower = threading.Thread(target=self._follow, args=(served,), name="live-sync", daemon=True)
@@ -186,15 +188,27 @@ class Service:
         """The whole answer; concurrent requests share model calls. Raises ``UnsupportedChat``
         for a chat the model cannot be asked."""
         generator, batcher = self._generation()
+        started = time.perf_counter()
         row = await self._encode(generator, prompt)
-        return await batcher.submit(row, sampling)
+        result = await batcher.submit(row, sampling)
+        self.metrics.observe_generation("whole", time.perf_counter() - started, result.prompt_tokens,
+                                        result.completion_tokens)
+        return result
 
     async def stream(self, prompt: Prompt, sampling: Sampling) -> tuple[TokenStream, Routed]:
         """A running generation, once its prompt has been routed, and the route."""
         generator, _ = self._generation()
+        started = time.perf_counter()
         row = await self._encode(generator, prompt)
-        stream = TokenStream(generator, row, sampling)
-        return stream, await stream.start()
+        prompt_tokens = 0
+
+        def finished(completion_tokens: int) -> None:
+            self.metrics.observe_generation("stream", time.perf_counter() - started, prompt_tokens, completion_tokens)
+
+        stream = TokenStream(generator, row, sampling, on_finished=finished)
+        routed = await stream.start()
+        prompt_tokens = routed.prompt_tokens
+        return stream, routed
 
     def _generation(self) -> tuple[Generator, GenerateBatcher]:
         self.require_served()

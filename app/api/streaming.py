@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from app.live.generation import Generator, Routed, Sampling, StreamEvent
+from app.live.generation import Finished, Generator, Routed, Sampling, StreamEvent
 from app.live.prompting import PromptRow
 
 _END = object()
 
 
 class TokenStream:
-    def __init__(self, generator: Generator, prompt: PromptRow, sampling: Sampling):
+    def __init__(self, generator: Generator, prompt: PromptRow, sampling: Sampling,
+                 on_finished: Callable[[int], None] | None = None):
+        """``on_finished(completion_tokens)``: told once the stream has sent its last token."""
         self._generator, self._prompt, self._sampling = generator, prompt, sampling
+        self._on_finished = on_finished
         self._events: asyncio.Queue[StreamEvent | BaseException | object] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -45,6 +48,8 @@ class TokenStream:
         while (event := await self._events.get()) is not _END:
             if isinstance(event, BaseException):
                 raise event
+            if isinstance(event, Finished) and self._on_finished is not None:
+                self._on_finished(event.completion_tokens)
             yield event  # type: ignore[misc]  # the queue holds events, failures and _END only
 
     def cancel(self) -> None:

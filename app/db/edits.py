@@ -407,6 +407,24 @@ def import_active(session: Session, items: Sequence[ImportedEdit], audit: Audit)
     return ImportOutcome(imported, skipped, superseded)
 
 
+def count_by_status(session: Session) -> dict[str, int]:
+    return {status: int(n) for status, n in session.execute(select(Edit.status, func.count()).group_by(Edit.status))}
+
+
+def oldest_waiting(session: Session) -> datetime | None:
+    """When the oldest queued edit (not yet taken by a worker) was posted; None: none waits."""
+    return session.scalar(select(func.min(Edit.created_at)).where(Edit.status == S.queued.value))
+
+
+def request_id_of(session: Session, edit_id: str) -> str | None:
+    """The id of the request that last queued the edit (its post, or a restore that retrains it)."""
+    return session.scalar(
+        select(EditEvent.request_id)
+        .where(EditEvent.edit_id == edit_id, EditEvent.status == S.queued.value, EditEvent.request_id.is_not(None))
+        .order_by(EditEvent.id.desc()).limit(1)
+    )
+
+
 def waiting_since(session: Session, before: datetime) -> list[str]:
     """Queued or training edits last changed before ``before``."""
     rows = session.scalars(
