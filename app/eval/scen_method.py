@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.eval.datasets import EditRecord
 from app.eval.method import EditMethod
+from app.eval.sweep_options import INFERENCE_OPTIONS
 from app.scen import Editor, Route, ScenConfig
 from app.scen.prompts import Batch
 
@@ -66,9 +67,9 @@ class ScenMethod(EditMethod):
         return dataclasses.asdict(self.editor.config) | {"resolved_layer": self.editor.layer}
 
     def set_option(self, name: str, value: float) -> None:
-        if name != "theta":
+        if name not in INFERENCE_OPTIONS[self.name]:
             super().set_option(name, value)
-        self.editor.routed.router.theta = float(value)
+        setattr(self.editor.routed.router, name, float(value))
 
     def routing_scores(self, prompts: list[str]) -> torch.Tensor:
         return self.editor.activations(prompts)

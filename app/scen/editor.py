@@ -105,7 +105,9 @@ class Editor:
         relation_down = self.adapter.get_down(self.layers[self.relation_layer])
         h_r = self.adapter.down_weight(relation_down).shape[1]
         h_s = self.adapter.down_weight(subject_down).shape[1]
-        router = Router(h_s, h_r, self.config.theta, pooled=self.config.subject_factor, device=self.device)
+        router = Router(
+            h_s, h_r, self.config.theta, self.config.subject_factor, self.config.subject_margin, self.device
+        )
         self.routed = RoutedDown(down, router, subject_down, relation_down)
         self._subject_down, self._relation_down = subject_down, relation_down
         self.adapter.set_down(layer_module, self.routed)
@@ -381,7 +383,10 @@ class Editor:
     ) -> dict:
         """Activation of the new neuron on its prompt and rephrases, and which live edits fire there."""
         router = self.routed.router
-        probe = Router(subject_keys.shape[-1], relation_keys.shape[-1], self.config.theta, router.pooled, self.device)
+        probe = Router(
+            subject_keys.shape[-1], relation_keys.shape[-1], router.theta, router.pooled, router.subject_margin,
+            self.device,
+        )
         probe.subject_norm, probe.relation_norm = router.subject_norm, router.relation_norm
         probe.append(neuron)
         a = probe.activations(routing_keys(rec))[:, 0]

@@ -127,6 +127,10 @@ class Router(nn.Module):
     With ``pooled=False`` (the paper's single neuron) ``r`` reads the key at the
     routing position instead.
 
+    The subject factor is read ``subject_margin`` logits stricter than its neuron's own
+    bias: over many edits, a subject factor only fairly sure of its entity fires on
+    some other entity's name far too often.
+
     Of the edits whose activation exceeds theta, the strongest serves the sequence,
     except that an edit yields to any later one that overrides it and fires too: a
     later correction of the same fact takes over from the one it corrects, and
@@ -141,10 +145,12 @@ class Router(nn.Module):
     overrides: torch.Tensor
 
     def __init__(
-        self, h_subject: int, h: int, theta: float, pooled: bool = True, device: torch.device | None = None
+        self, h_subject: int, h: int, theta: float, pooled: bool = True, subject_margin: float = 0.0,
+        device: torch.device | None = None,
     ):
         super().__init__()
         self.theta = theta
+        self.subject_margin = subject_margin
         self.pooled = pooled
         self.subject_norm = KeyNorm(h_subject, device)
         self.relation_norm = KeyNorm(h, device)
@@ -160,7 +166,8 @@ class Router(nn.Module):
 
     def subject_factor(self, subject: torch.Tensor, content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each edit's subject factor (B, E) and the position where it peaks (B, E)."""
-        s = torch.sigmoid(self.subject_norm(subject) @ self.subject_w.T + self.subject_b)  # (B, T, E)
+        logits = self.subject_norm(subject) @ self.subject_w.T + (self.subject_b - self.subject_margin)
+        s = torch.sigmoid(logits)  # (B, T, E)
         return s.masked_fill(~content[..., None], 0.0).max(1)
 
     def relation_factor(self, keys: RoutingKeys, subject_at: torch.Tensor) -> torch.Tensor:  # -> (B, E)

@@ -86,3 +86,25 @@ def test_subject_window_ends_at_the_peak():
 
     w = subject_window(torch.tensor([3, 0]), torch.tensor(2), 6)
     assert w.tolist() == [[False, False, True, True, False, False], [True, False, False, False, False, False]]
+
+
+def test_subject_margin_makes_the_subject_factor_stricter_and_leaves_the_relation_factor():
+    from app.scen.routed import Neuron, Router, RoutingKeys
+
+    torch.manual_seed(0)
+    T, h_s, h = 5, 8, 12
+    lenient, strict = Router(h_s, h, theta=0.65), Router(h_s, h, theta=0.65, subject_margin=5.0)
+    subject = torch.nn.functional.normalize(torch.randn(h_s), dim=0)
+    # A cosine detector: logit 20 cos - 8, so the margin moves where it fires from cos 0.43 to 0.68.
+    neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(5.0), torch.tensor(1))
+    for router in (lenient, strict):
+        router.append(neuron)
+    other = torch.nn.functional.normalize(torch.randn(h_s), dim=0)
+    other = other - (other @ subject) * subject
+    near = 0.55 * subject + (1 - 0.55**2) ** 0.5 * torch.nn.functional.normalize(other, dim=0)  # cos 0.55
+    keys = torch.zeros(3, T, h_s)
+    keys[0, 2], keys[1, 2], keys[2, 2] = subject, near, -subject
+    rk = RoutingKeys(keys, torch.ones(3, T, dtype=torch.bool), torch.randn(3, T, h), torch.full((3,), T - 1))
+    assert lenient.route(rk).slots.tolist() == [0, 0, -1]
+    assert strict.route(rk).slots.tolist() == [0, -1, -1]  # the entity merely like the subject is let go
+    assert torch.equal(lenient.relation_factor(rk, torch.full((3, 1), 2)), strict.relation_factor(rk, torch.full((3, 1), 2)))
