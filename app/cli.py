@@ -82,9 +82,10 @@ def worker(
     """Start an edit worker that consumes the Redis queue."""
     settings = _settings()
     if check:
-        from workers.main import check as check_worker
+        # Light: a healthcheck runs every few seconds and must not load torch.
+        from workers.metrics import check as check_heartbeat
 
-        alive, line = check_worker(settings)
+        alive, line = check_heartbeat(settings.heartbeat_path, settings.worker_heartbeat_max_age_s)
         typer.echo(line, err=not alive)
         raise typer.Exit(0 if alive else 1)
     from workers.main import run as run_worker

@@ -20,7 +20,6 @@ from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTO
 
 from app.live import build_served_model, open_database, open_queue
 from app.settings import Settings
-from workers.metrics import check as check_heartbeat
 from workers.worker import build_worker
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,3 @@ def run(settings: Settings) -> None:
         settings.heartbeat_path.unlink(missing_ok=True)  # a stopped worker is not alive
         queue.close()
         db.close()
-
-
-def check(settings: Settings) -> tuple[bool, str]:
-    """``scen worker --check``: whether this host's worker beat within SCEN_WORKER_HEARTBEAT_MAX_AGE_S."""
-    return check_heartbeat(settings.heartbeat_path, settings.worker_heartbeat_max_age_s)
