@@ -32,6 +32,14 @@ class ExpertFiles:
     def load(self, relative: str, sha256: str | None) -> TrainedEdit:
         return load_edit(self.data_dir / relative, sha256)
 
+    def readable(self, relative: str, sha256: str | None) -> bool:
+        """Whether the file is there, whole (its sha256 the recorded one) and loads."""
+        try:
+            self.load(relative, sha256)
+        except Exception:
+            return False
+        return True
+
     def discard(self, relative: str) -> None:
         (self.data_dir / relative).unlink(missing_ok=True)
 

@@ -105,7 +105,7 @@ class EditService:
         edit = repo.get_edit(self.session, edit_id)
         served = self.service.served
         reusable = (edit.expert_path is not None and served is not None
-                    and (served.experts.data_dir / edit.expert_path).is_file())
+                    and served.experts.readable(edit.expert_path, edit.expert_sha256))
         result = repo.restore(self.session, edit_id, reason, audit, reuse_expert=reusable)
         if result.changed:
             status = EditStatus(result.edit.status)
