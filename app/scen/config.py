@@ -32,7 +32,7 @@ class ScenConfig:
     # At 1,000 edits (routing only, bench/routing_probes.py) 0 -> 5 took CounterFact's
     # neighbourhood prompts routed from 14 % to 3 % and ZsRE's rephrases reached from 71.8 % to
     # 71.6 % (docs: bench/results/specificity/README.md).
-    subject_margin: float = 5.0
+    subject_margin: float = 3.0
     # Layer whose keys, averaged over the question less its subject, say what is asked (the
     # relation factor). None: a fifth of the depth (layer 6 of 30 on SmolLM2). On 200 records
     # of each development file this key told a paraphrase from another question about the same
