@@ -111,6 +111,18 @@ def question_keys(keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (keys * w[..., None]).sum(-2) / w.sum(-1, keepdim=True).clamp_min(1.0)
 
 
+class _Rows:
+    """The live rows (the first ``len(router)``) of one of the router's per-neuron buffers."""
+
+    NAMES = ("subject_w", "subject_b", "relation_w", "relation_b", "subject_len")
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.buffer = f"_{name}"
+
+    def __get__(self, router: Router, owner: type | None = None) -> torch.Tensor:
+        return getattr(router, self.buffer)[: router._n]
+
+
 class Router(nn.Module):
     """The stacked indexing neurons (``W_merge``) and the routing rule.
 
@@ -137,11 +149,11 @@ class Router(nn.Module):
     rolling the correction back brings the older edit back.
     """
 
-    subject_w: torch.Tensor
-    subject_b: torch.Tensor
-    relation_w: torch.Tensor
-    relation_b: torch.Tensor
-    subject_len: torch.Tensor
+    subject_w = _Rows()  # (E, h_s)
+    subject_b = _Rows()  # (E,)
+    relation_w = _Rows()  # W_merge, (E, h)
+    relation_b = _Rows()  # (E,)
+    subject_len = _Rows()  # (E,) long
     overrides: torch.Tensor
 
     def __init__(
@@ -154,15 +166,22 @@ class Router(nn.Module):
         self.pooled = pooled
         self.subject_norm = KeyNorm(h_subject, device)
         self.relation_norm = KeyNorm(h, device)
-        self.register_buffer("subject_w", torch.zeros(0, h_subject, device=device))  # (E, h_s)
-        self.register_buffer("subject_b", torch.zeros(0, device=device))  # (E,)
-        self.register_buffer("relation_w", torch.zeros(0, h, device=device))  # W_merge, (E, h)
-        self.register_buffer("relation_b", torch.zeros(0, device=device))  # (E,)
-        self.register_buffer("subject_len", torch.zeros(0, dtype=torch.long, device=device))  # (E,)
+        # Each neuron's rows live in buffers with spare capacity that doubles when full: appending
+        # one edit copies nothing, so adding N edits costs O(N) rather than O(N^2).
+        self._n = 0
+        self.register_buffer("_subject_w", torch.zeros(0, h_subject, device=device))
+        self.register_buffer("_subject_b", torch.zeros(0, device=device))
+        self.register_buffer("_relation_w", torch.zeros(0, h, device=device))
+        self.register_buffer("_relation_b", torch.zeros(0, device=device))
+        self.register_buffer("_subject_len", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("overrides", torch.zeros(0, 2, dtype=torch.long, device=device))  # (K, 2) newer, older
 
     def __len__(self) -> int:
-        return self.relation_w.shape[0]
+        return self._n
+
+    @property
+    def capacity(self) -> int:
+        return self.get_buffer("_relation_w").shape[0]
 
     def subject_factor(self, subject: torch.Tensor, content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each edit's subject factor (B, E) and the position where it peaks (B, E)."""
@@ -203,22 +222,31 @@ class Router(nn.Module):
 
     def append(self, neuron: Neuron, overrides: Sequence[int] = ()) -> None:
         """Add a neuron in the next slot; it overrides the given older slots wherever both fire."""
-        slot = len(self)
+        slot = self._n
         pairs = torch.tensor([[slot, o] for o in overrides], dtype=torch.long, device=self.overrides.device)
         self.overrides = torch.cat([self.overrides, pairs.reshape(-1, 2)])
-        self.subject_w = torch.cat([self.subject_w, neuron.subject.reshape(1, -1)])
-        self.subject_b = torch.cat([self.subject_b, neuron.subject_bias.reshape(1)])
-        self.relation_w = torch.cat([self.relation_w, neuron.relation.reshape(1, -1)])
-        self.relation_b = torch.cat([self.relation_b, neuron.relation_bias.reshape(1)])
-        self.subject_len = torch.cat([self.subject_len, neuron.subject_len.reshape(1).to(self.subject_len)])
+        if slot == self.capacity:
+            self._reserve(max(16, 2 * slot))
+        rows = (neuron.subject, neuron.subject_bias, neuron.relation, neuron.relation_bias, neuron.subject_len)
+        for name, value in zip(_Rows.NAMES, rows):
+            getattr(self, f"_{name}")[slot] = value
+        self._n += 1
 
     def pop(self, slot: int) -> None:
-        keep = [i for i in range(len(self)) if i != slot]
-        self.subject_w, self.subject_b = self.subject_w[keep], self.subject_b[keep]
-        self.relation_w, self.relation_b = self.relation_w[keep], self.relation_b[keep]
-        self.subject_len = self.subject_len[keep]
+        n = self._n
+        for name in _Rows.NAMES:
+            rows = getattr(self, f"_{name}")
+            rows[slot : n - 1] = rows[slot + 1 : n].clone()
+        self._n -= 1
         pairs = self.overrides[(self.overrides != slot).all(-1)]
         self.overrides = pairs - (pairs > slot).long()
+
+    def _reserve(self, capacity: int) -> None:
+        for name in _Rows.NAMES:
+            old = getattr(self, f"_{name}")
+            new = old.new_zeros((capacity, *old.shape[1:]))
+            new[: self._n] = old[: self._n]
+            setattr(self, f"_{name}", new)
 
 
 @dataclass

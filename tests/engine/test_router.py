@@ -107,4 +107,35 @@ def test_subject_margin_makes_the_subject_factor_stricter_and_leaves_the_relatio
     rk = RoutingKeys(keys, torch.ones(3, T, dtype=torch.bool), torch.randn(3, T, h), torch.full((3,), T - 1))
     assert lenient.route(rk).slots.tolist() == [0, 0, -1]
     assert strict.route(rk).slots.tolist() == [0, -1, -1]  # the entity merely like the subject is let go
-    assert torch.equal(lenient.relation_factor(rk, torch.full((3, 1), 2)), strict.relation_factor(rk, torch.full((3, 1), 2)))
+    at = torch.full((3, 1), 2)
+    assert torch.equal(lenient.relation_factor(rk, at), strict.relation_factor(rk, at))
+
+
+def test_appends_and_pops_keep_every_neuron_in_its_slot_without_copying_the_live_set_each_time():
+    from app.scen.routed import Neuron, Router, RoutingKeys
+
+    torch.manual_seed(0)
+    h_s, h = 6, 10
+    router, want = Router(h_s, h, theta=0.5), []
+    grown = []
+    for step in range(60):
+        if want and step % 7 == 3:
+            slot = int(torch.randint(len(want), ()))
+            router.pop(slot)
+            del want[slot]
+            continue
+        neuron = Neuron(torch.randn(h_s), torch.randn(()), torch.randn(h), torch.randn(()), torch.tensor(step % 3 + 1))
+        router.append(neuron)
+        want.append(neuron)
+        grown.append(router.capacity)
+    assert len(router) == len(want)
+    assert torch.equal(router.subject_w, torch.stack([n.subject for n in want]))
+    assert torch.equal(router.relation_b, torch.stack([n.relation_bias for n in want]))
+    assert router.subject_len.tolist() == [int(n.subject_len) for n in want]
+    assert len(set(grown)) <= 4  # capacity doubles: 16, 32, 64
+    fresh = Router(h_s, h, theta=0.5)
+    for n in want:
+        fresh.append(n)
+    keys = RoutingKeys(torch.randn(4, 5, h_s), torch.ones(4, 5, dtype=torch.bool), torch.randn(4, 5, h),
+                       torch.full((4,), 4))
+    assert torch.equal(router.activations(keys), fresh.activations(keys))
