@@ -106,6 +106,14 @@ def cluster(request, postgres_server, redis_server, model_dir, tmp_path) -> Iter
 _report_key = pytest.StashKey()
 
 
+def pytest_collection_modifyitems(items):
+    # A fault test starts several processes; on a machine busy with other work that alone can
+    # outlast the suite's default per-test timeout, which is meant to catch hangs, not slowness.
+    for item in items:
+        if "tests/faults/" in str(item.path).replace("\\", "/") and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(1800))
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     report = yield
