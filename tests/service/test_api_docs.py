@@ -34,7 +34,8 @@ def test_openapi_errors_security_and_operation_ids(client):
             for code, response in op["responses"].items():
                 if code[0] in "45":
                     assert response["content"]["application/json"]["schema"] == error_ref, (path, code)
-    assert {"create_edit", "list_edits", "get_edit", "list_edit_events", "rollback_edit", "restore_edit",
+    assert {"create_edit", "create_edits", "list_edits", "get_edit", "list_edit_events", "rollback_edit",
+            "restore_edit",
             "generate", "health", "ready", "list_models", "create_completion", "create_chat_completion"} == set(ops)
     assert schema["components"]["securitySchemes"]["ApiKey"] == {
         "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["ApiKey"][
