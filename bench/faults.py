@@ -116,6 +116,10 @@ class Run:
         self.phases.append({"phase": name, "seconds": round(time.monotonic() - started, 1), "settled": settled,
                             "notes": notes, "ledger": _brief(ledger), "problems": problems})
         self.log(f"{name}: {ledger.summary()}{' PROBLEMS: ' + '; '.join(problems) if problems else ''}")
+        # Written after every phase, so that a run cut short keeps the ledgers it reached.
+        self.args.out.parent.mkdir(parents=True, exist_ok=True)
+        self.args.out.write_text(json.dumps({"complete": False, "model": self.args.model, "phases": self.phases},
+                                            indent=2) + "\n")
         return ledger
 
     def restart_api(self, how: str) -> None:
@@ -294,7 +298,7 @@ def main() -> None:
     assert run is not None and run.client is not None
     last = run.phases[-1]["ledger"]
     report = {
-        "model": args.model, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "complete": True, "model": args.model, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")} | run.deployment.settings,
         "seconds": round(time.monotonic() - started, 1),
         "ledger": last, "problems": [p for phase in run.phases for p in phase["problems"]],
