@@ -25,13 +25,13 @@ class ScenConfig:
     # Earlier edits whose subject key is at least this similar (cosine of normalised keys)
     # count as the same subject: negatives of the relation factor instead of the subject factor.
     same_subject_cos: float = 0.7
-    # The subject factor is read this much stricter (a logit margin over theta's): it fires only
-    # where its neuron is sure the subject is named. Each subject factor's small false-positive
-    # rate on other entities adds up over the live edits; a rephrase names its own subject
-    # plainly and keeps a factor near 1. Read at routing, so it applies to stored edits alike.
-    # At 1,000 edits (routing only, bench/routing_probes.py) 0 -> 5 took CounterFact's
-    # neighbourhood prompts routed from 14 % to 3 % and ZsRE's rephrases reached from 71.8 % to
-    # 71.6 % (docs: bench/results/specificity/README.md).
+    # The subject factor is read this much stricter (a logit margin over its neuron's bias): it
+    # fires only where its neuron is sure the subject is named. Each subject factor's small
+    # false-positive rate on other entities adds up over the live edits, while a rephrase naming
+    # its own subject keeps a factor near 1. Read at routing, so it applies to stored edits alike.
+    # At 1,000 edits 0 -> 3 took CounterFact's neighbourhood prompts routed from 14 % to 4 % and
+    # ZsRE's other-subject probes from 10.7 % to 0.1 %, rephrases unchanged; 5 lost a rephrase
+    # that names its subject elsewhere in the sentence (bench/results/specificity/README.md).
     subject_margin: float = 3.0
     # Layer whose keys, averaged over the question less its subject, say what is asked (the
     # relation factor). None: a fifth of the depth (layer 6 of 30 on SmolLM2). On 200 records
