@@ -6,6 +6,9 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from app.api.auth import Principal
@@ -67,3 +70,25 @@ JsonBody = Depends(require_json)
 def audit_of(principal: Principal) -> Audit:
     """Who an edit event is recorded for: the key's name, and the request's id."""
     return Audit(principal.name, current_request_id())
+
+
+def reject_unknown_query(request: Request) -> None:
+    """A query parameter the route does not take is refused (422), not ignored: a misspelt
+    filter (``?stauts=active``) would otherwise answer as if no filter had been given."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not request.query_params:
+        return
+    known = _query_names(route.dependant)
+    unknown = [name for name in request.query_params if name not in known]
+    if unknown:
+        raise RequestValidationError([
+            {"type": "extra_forbidden", "loc": ("query", name or "''"), "msg": "unknown query parameter"}
+            for name in unknown
+        ])
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names

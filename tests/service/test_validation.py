@@ -120,3 +120,11 @@ def test_openapi_docs(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/edits", "/edits/{edit_id}", "/edits/{edit_id}/rollback", "/generate", "/health", "/ready"} <= set(paths)
+
+
+@pytest.mark.parametrize("query", ["stauts=active", "=false", "limit=5&sort=desc"])
+def test_unknown_query_parameters_are_refused_not_ignored(client, query):
+    r = client.get(f"/edits?{query}")
+    assert r.status_code == 422 and r.json()["error_type"] == "validation_error"
+    assert "unknown query parameter" in r.json()["error"]
+    assert client.get("/edits?status=active&limit=5").status_code == 200
