@@ -171,21 +171,29 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
     typer.echo(f"key {name!r} revoked", err=True)
 
 
-@edits_cli.command("export")
-def edits_export(path: Annotated[Path, typer.Argument(help="The archive to write (a tar file).")]) -> None:
-    """Write every active edit (metadata, expert and neuron tensors, sha256) and the fingerprint of
-    the model, layers and key normalisation they were trained for to one archive."""
-    settings = _settings()
-    from app.live.archive import ArchiveError, export_edits, fingerprint_of
+def _with_archive(verb: str, settings: Settings, action):
+    """Run ``action(db, fingerprint)`` against this deployment; an archive error ends the command
+    with its one-line reason. Returns (fingerprint, result)."""
+    from app.live.archive import ArchiveError, fingerprint_of
 
     here = fingerprint_of(settings.model, settings.engine_config, settings.cache_dir)
     db = _key_database(settings)
     try:
-        done = export_edits(db, settings.data_dir, here, path)
+        return here, action(db, here)
     except ArchiveError as exc:
-        raise SystemExit(f"scen edits export: {exc}") from None
+        raise SystemExit(f"scen edits {verb}: {exc}") from None
     finally:
         db.close()
+
+
+@edits_cli.command("export")
+def edits_export(path: Annotated[Path, typer.Argument(help="The archive to write (a tar file).")]) -> None:
+    """Write every active edit (metadata, expert and neuron tensors, sha256) and the fingerprint of
+    the model, layers and key normalisation they were trained for to one archive."""
+    from app.live.archive import export_edits
+
+    settings = _settings()
+    here, done = _with_archive("export", settings, lambda db, here: export_edits(db, settings.data_dir, here, path))
     typer.echo(f"exported {done.edits} edits to {path} (model {here.model}, layers {here.layers})")
 
 
@@ -193,19 +201,12 @@ def edits_export(path: Annotated[Path, typer.Argument(help="The archive to write
 def edits_import(path: Annotated[Path, typer.Argument(help="An archive written by `scen edits export`.")]) -> None:
     """Make an archive's edits active here. Refused, with nothing written, unless they were trained
     for this deployment's model, layers and key normalisation; importing again changes nothing."""
-    settings = _settings()
     from app.live import open_queue
-    from app.live.archive import ArchiveError, fingerprint_of, import_edits
+    from app.live.archive import import_edits
     from app.queue import EditChanged
 
-    here = fingerprint_of(settings.model, settings.engine_config, settings.cache_dir)
-    db = _key_database(settings)
-    try:
-        done = import_edits(db, settings.data_dir, here, path)
-    except ArchiveError as exc:
-        raise SystemExit(f"scen edits import: {exc}") from None
-    finally:
-        db.close()
+    settings = _settings()
+    _, done = _with_archive("import", settings, lambda db, here: import_edits(db, settings.data_dir, here, path))
     if settings.queue_url is not None and (done.imported or done.superseded):
         # Running API processes follow at once (else at their next reconciliation).
         queue = open_queue(settings)
