@@ -131,6 +131,19 @@ class Run:
         self.api = Api(self.deployment, f"api-{len(self.phases) + 2}-{how}", port=port).start()
         self.api.wait_ready(900)
 
+    def kill_at(self, name: str, point: str, phase: str) -> None:
+        """One phase: a new worker armed at ``point`` takes the next edit and is SIGKILLed there."""
+        started = time.monotonic()
+        worker = self.worker(name, arm=(point,))
+        self.hold("w2")
+        self.post(1)
+        victim = worker.wait_reached(point, 900)
+        self.let_go("w2")
+        worker.kill()
+        self.log(f"{name} SIGKILLed at {point} while handling {victim}")
+        self.post(self.args.edits_per_phase - 1)
+        self.settle(phase, started, f"edit {victim}")
+
     def execute(self) -> None:
         a = self.args
         self.api.start()
@@ -145,29 +158,10 @@ class Run:
         self.settle("baseline", started)
 
         # A worker killed mid-training; the other takes the edit over after the claim time.
-        started = time.monotonic()
         self.workers["w1"].kill()
-        w3 = self.worker("w3", arm=("train",))
-        self.hold("w2")
-        self.post(1)
-        victim = w3.wait_reached("train", 900)
-        self.let_go("w2")
-        w3.kill()
-        self.log(f"w3 SIGKILLed while training {victim}")
-        self.post(a.edits_per_phase - 1)
-        self.settle("worker SIGKILL during training", started, f"edit {victim}")
-
+        self.kill_at("w3", "train", "worker SIGKILL during training")
         # A worker killed after writing its expert file, before committing.
-        started = time.monotonic()
-        w4 = self.worker("w4", arm=("after_save",))
-        self.hold("w2")
-        self.post(1)
-        victim = w4.wait_reached("after_save", 900)
-        self.let_go("w2")
-        w4.kill()
-        self.log(f"w4 SIGKILLed between writing the expert file of {victim} and committing")
-        self.post(a.edits_per_phase - 1)
-        self.settle("worker SIGKILL between file write and commit", started, f"edit {victim}")
+        self.kill_at("w4", "after_save", "worker SIGKILL between file write and commit")
 
         # A worker frozen past the claim time: the other worker gets the same edit; both train it.
         started = time.monotonic()
