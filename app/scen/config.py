@@ -50,6 +50,9 @@ class ScenConfig:
     # routed 54 / 60 / 67 / 73 / 78 % of the held-out rephrases and 1 / 4 / 6 / 7 / 10 % of the
     # same-subject probes; on CounterFact -5 kept the neighbourhood prompts routed at 3 %, -4 at 5 %.
     relation_init_bias: float = -5.0
+    # The relation factor is read this much stricter at routing (negative: more lenient). Like
+    # ``subject_margin`` it applies to stored edits and is swept without retraining.
+    relation_margin: float = 0.0
 
     # Stage 1, the expert. "full" trains a dense copy of W_down (the paper);
     # "lowrank" trains a rank-r delta, ~1/70 of the storage at r=8.

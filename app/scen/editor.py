@@ -105,8 +105,10 @@ class Editor:
         relation_down = self.adapter.get_down(self.layers[self.relation_layer])
         h_r = self.adapter.down_weight(relation_down).shape[1]
         h_s = self.adapter.down_weight(subject_down).shape[1]
+        cfg = self.config
         router = Router(
-            h_s, h_r, self.config.theta, self.config.subject_factor, self.config.subject_margin, self.device
+            h_s, h_r, cfg.theta, pooled=cfg.subject_factor, subject_margin=cfg.subject_margin,
+            relation_margin=cfg.relation_margin, device=self.device,
         )
         self.routed = RoutedDown(down, router, subject_down, relation_down)
         self._subject_down, self._relation_down = subject_down, relation_down
@@ -383,11 +385,7 @@ class Editor:
     ) -> dict:
         """Activation of the new neuron on its prompt and rephrases, and which live edits fire there."""
         router = self.routed.router
-        probe = Router(
-            subject_keys.shape[-1], relation_keys.shape[-1], router.theta, router.pooled, router.subject_margin,
-            self.device,
-        )
-        probe.subject_norm, probe.relation_norm = router.subject_norm, router.relation_norm
+        probe = router.empty_like()
         probe.append(neuron)
         a = probe.activations(routing_keys(rec))[:, 0]
         metrics: dict = {"activation": a[0].item(), "rephrase_activations": a[1:].tolist()}

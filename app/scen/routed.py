@@ -141,7 +141,9 @@ class Router(nn.Module):
 
     The subject factor is read ``subject_margin`` logits stricter than its neuron's own
     bias: over many edits, a subject factor only fairly sure of its entity fires on
-    some other entity's name far too often.
+    some other entity's name far too often. The relation factor is read
+    ``relation_margin`` logits stricter (negative: more lenient), which trades rephrases
+    reached against other questions about the subject caught.
 
     Of the edits whose activation exceeds theta, the strongest serves the sequence,
     except that an edit yields to any later one that overrides it and fires too: a
@@ -158,11 +160,12 @@ class Router(nn.Module):
 
     def __init__(
         self, h_subject: int, h: int, theta: float, pooled: bool = True, subject_margin: float = 0.0,
-        device: torch.device | None = None,
+        relation_margin: float = 0.0, device: torch.device | None = None,
     ):
         super().__init__()
         self.theta = theta
         self.subject_margin = subject_margin
+        self.relation_margin = relation_margin
         self.pooled = pooled
         self.subject_norm = KeyNorm(h_subject, device)
         self.relation_norm = KeyNorm(h, device)
@@ -179,6 +182,16 @@ class Router(nn.Module):
     def __len__(self) -> int:
         return self._n
 
+    def empty_like(self) -> Router:
+        """A router with no neurons that reads keys as this one does (same norms, same rules)."""
+        h_s, h = self.get_buffer("_subject_w").shape[1], self.get_buffer("_relation_w").shape[1]
+        empty = Router(
+            h_s, h, self.theta, self.pooled, self.subject_margin, self.relation_margin,
+            device=self.get_buffer("_relation_w").device,
+        )
+        empty.subject_norm, empty.relation_norm = self.subject_norm, self.relation_norm
+        return empty
+
     @property
     def capacity(self) -> int:
         return self.get_buffer("_relation_w").shape[0]
@@ -191,7 +204,8 @@ class Router(nn.Module):
 
     def relation_factor(self, keys: RoutingKeys, subject_at: torch.Tensor) -> torch.Tensor:  # -> (B, E)
         if not self.pooled:
-            return torch.sigmoid(self.relation_norm(keys.last()) @ self.relation_w.T + self.relation_b)
+            logits = self.relation_norm(keys.last()) @ self.relation_w.T
+            return torch.sigmoid(logits + (self.relation_b - self.relation_margin))
         # normalize(sum_t keep_t y_t) . w  =  sum_t keep_t (y_t . w) / sqrt(keep' G keep), G = y y':
         # one (B, T, E) product instead of a pooled (B, E, h) key per edit.
         y = self.relation_norm.whitened(keys.relation)  # (B, T, h)
@@ -201,7 +215,7 @@ class Router(nn.Module):
         dot = (keep * (y @ self.relation_w.T)).sum(1)  # (B, E)
         gram = y @ y.transpose(1, 2)  # (B, T, T)
         sq = torch.einsum("bse,bst,bte->be", keep, gram, keep)
-        return torch.sigmoid(dot / sq.clamp_min(1e-12).sqrt() + self.relation_b)
+        return torch.sigmoid(dot / sq.clamp_min(1e-12).sqrt() + (self.relation_b - self.relation_margin))
 
     def activations(self, keys: RoutingKeys) -> torch.Tensor:  # -> (B, E)
         s, at = self.subject_factor(keys.subject, keys.content)

@@ -111,6 +111,25 @@ def test_subject_margin_makes_the_subject_factor_stricter_and_leaves_the_relatio
     assert torch.equal(lenient.relation_factor(rk, at), strict.relation_factor(rk, at))
 
 
+def test_relation_margin_moves_the_relation_factor_only_and_carries_to_an_empty_copy():
+    from app.scen.routed import Neuron, Router, RoutingKeys
+
+    torch.manual_seed(0)
+    T, h_s, h = 4, 6, 8
+    strict, lenient = Router(h_s, h, theta=0.65), Router(h_s, h, theta=0.65, relation_margin=-2.0)
+    neuron = Neuron(torch.randn(h_s), torch.tensor(0.0), torch.randn(h), torch.tensor(0.0), torch.tensor(1))
+    for router in (strict, lenient):
+        router.append(neuron)
+    rk = RoutingKeys(torch.randn(2, T, h_s), torch.ones(2, T, dtype=torch.bool), torch.randn(2, T, h),
+                     torch.full((2,), T - 1))
+    s, at = strict.subject_factor(rk.subject, rk.content)
+    assert torch.equal(s, lenient.subject_factor(rk.subject, rk.content)[0])
+    logit = torch.logit(strict.relation_factor(rk, at))
+    assert torch.allclose(torch.logit(lenient.relation_factor(rk, at)), logit + 2.0, atol=1e-4)
+    probe = lenient.empty_like()
+    assert len(probe) == 0 and probe.relation_margin == -2.0 and probe.relation_norm is lenient.relation_norm
+
+
 def test_appends_and_pops_keep_every_neuron_in_its_slot_without_copying_the_live_set_each_time():
     from app.scen.routed import Neuron, Router, RoutingKeys
 

@@ -131,12 +131,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
 
 
 def wait_status(client: TestClient, edit_id: str, statuses: set[str], timeout: float = 15) -> dict:
+    """Poll until the edit reaches one of ``statuses``; an ``active`` edit must also be live here.
+
+    The database says ``active`` a moment before this process's model serves the edit.
+    """
     body = {}
 
     def done() -> bool:
         nonlocal body
         body = client.get(f"/edits/{edit_id}").json()
-        return body.get("status") in statuses
+        return body.get("status") in statuses and (body["status"] != "active" or body.get("live", True))
 
     assert wait_for(done, timeout), f"edit {edit_id} still {body.get('status')}: {body}"
     return body
