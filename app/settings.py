@@ -127,6 +127,14 @@ class Settings(BaseSettings):
     # Engine settings as key=value strings, e.g. SCEN_ENGINE='["theta=0.7"]'.
     engine: list[str] = Field(default_factory=list)
 
+    # Where trained experts are kept: "files" under data_dir/experts (replicas and workers on
+    # several machines then share that folder), or "database" (rows of the SQL database: nothing
+    # shared beyond the services already there).
+    expert_store: Literal["files", "database"] = "files"
+    # Memory for resident experts; the least recently used go out beyond it and load again on
+    # demand. The routing neurons always stay resident. None: every expert resident.
+    expert_cache_mb: float | None = Field(default=512.0, gt=0)
+
     # Run a worker thread inside the API process sharing its model. Default: only without Redis.
     embedded_worker: bool | None = None
     # Apply migrations when the API starts (convenient for the embedded default).
