@@ -24,7 +24,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.db.models import Edit, EditEvent, EditStatus, utcnow
+from app.db.models import Edit, EditEvent, EditStatus, StoredExpert, utcnow
 
 S = EditStatus
 
@@ -649,3 +649,36 @@ def _same_request(edit: Edit, prompt: str, target: str, rephrases: Sequence[str]
     if (edit.prompt, edit.target, list(edit.rephrases), edit.subject) != (prompt, target, list(rephrases), subject):
         raise IdempotencyConflict("this Idempotency-Key was already used for a different edit")
     return edit
+
+
+# Experts kept in the database (app.live.experts.ExpertRows). Each call is its own transaction:
+# a row is there whole, committed, or not at all.
+
+def store_expert(session: Session, edit_id: str, data: bytes, sha256: str) -> str:
+    """Insert one attempt's edit file under a new id, and return the id."""
+    expert_id = uuid.uuid4().hex
+    session.add(StoredExpert(id=expert_id, edit_id=edit_id, sha256=sha256, size=len(data), data=data,
+                             created_at=utcnow()))
+    session.commit()
+    return expert_id
+
+
+def stored_expert_data(session: Session, expert_id: str) -> tuple[bytes, str] | None:
+    """(bytes, sha256 recorded with them), or None when there is no such row."""
+    row = session.execute(select(StoredExpert.data, StoredExpert.sha256).where(StoredExpert.id == expert_id)).first()
+    return (bytes(row.data), row.sha256) if row is not None else None
+
+
+def delete_stored_expert(session: Session, expert_id: str) -> None:
+    session.execute(delete(StoredExpert).where(StoredExpert.id == expert_id))
+    session.commit()
+
+
+def delete_stored_experts(session: Session, edit_id: str, keep: str | None = None) -> list[str]:
+    """Delete every row of ``edit_id`` but ``keep``; returns the ids deleted."""
+    where = [StoredExpert.edit_id == edit_id]
+    if keep is not None:
+        where.append(StoredExpert.id != keep)
+    ids = list(session.scalars(delete(StoredExpert).where(*where).returning(StoredExpert.id)))
+    session.commit()
+    return ids

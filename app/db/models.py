@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -74,7 +74,8 @@ class Edit(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     metrics: Mapped[dict | None] = mapped_column(JSON)
-    # Relative to the data directory.
+    # Where its expert is kept: a path relative to the data directory, or "db:" and the id of a
+    # stored_experts row (app.live.experts).
     expert_path: Mapped[str | None] = mapped_column(String(512))
     expert_sha256: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
@@ -117,3 +118,22 @@ class ApiKey(Base):
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class StoredExpert(Base):
+    """An edit file (expert, neuron, keys) kept in the database, for ``SCEN_EXPERT_STORE=database``.
+
+    One row per training attempt, like one file per attempt: a worker presumed dead that still
+    finishes writes a row of its own and never touches the one another worker committed.
+    """
+
+    __tablename__ = "stored_experts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # No foreign key: an import writes its experts before the edits that name them, as it
+    # writes files, and discards them if the edits are not recorded.
+    edit_id: Mapped[str] = mapped_column(String(32), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

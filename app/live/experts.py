@@ -1,57 +1,234 @@
-"""Expert files under the data directory: one safetensors file per trained edit."""
+"""Where trained experts are kept: files under the data directory, or rows of the SQL database.
+
+A stored expert is the bytes of one edit file (``app.scen.store``: expert, neuron and keys). The
+edit's row records a reference to them and their sha256. A reference is either a path relative
+to the data directory (``experts/ID.XXXXXXXX.safetensors``, always under ``experts/``) or ``db:``
+and the id of a ``stored_experts`` row. Loading goes by the reference's form, whatever
+``SCEN_EXPERT_STORE`` says now, so a deployment that switches store keeps serving the edits
+saved under the other one.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from pathlib import Path
+from typing import Protocol
 
-from app.scen import TrainedEdit, load_edit, save_edit
+from app.db import edits as repo
+from app.db.session import Database
+from app.scen import IntegrityError, ScenError, TrainedEdit
+from app.scen.store import edit_bytes, edit_from_bytes, load_edit, write_atomic
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Cannot begin a file reference: those are always under experts/.
+ROW_PREFIX = "db:"
 
-class ExpertFiles:
-    """Paths recorded in the database are relative to ``data_dir``, so the folder can move."""
 
-    def __init__(self, data_dir: Path):
-        self.data_dir = Path(data_dir)
-        self.root = self.data_dir / "experts"
-        self.root.mkdir(parents=True, exist_ok=True)
+def is_row(ref: str) -> bool:
+    return ref.startswith(ROW_PREFIX)
+
+
+class ExpertStore(Protocol):
+    """One place experts are kept. Every attempt at an edit gets a reference of its own: a worker
+    presumed dead may still finish, and must not overwrite what another worker committed."""
 
     def save(self, edit_id: str, trained: TrainedEdit) -> tuple[str, str]:
-        """Write atomically to a name no other attempt uses; returns (relative path, sha256).
+        """Keep a trained edit whole or not at all; returns (reference, sha256)."""
+        ...
 
-        A unique name per attempt matters: a worker presumed dead may still finish and
-        must not overwrite the file another worker already committed.
-        """
+    def save_bytes(self, edit_id: str, data: bytes) -> tuple[str, str]:
+        """Keep the bytes of an edit file unchanged (an import); returns (reference, sha256)."""
+        ...
+
+    def read_bytes(self, ref: str) -> bytes:
+        """The bytes kept under ``ref``, unchecked. Raises OSError or ScenError when there are none."""
+        ...
+
+    def load(self, ref: str, sha256: str | None) -> TrainedEdit:
+        """Raises IntegrityError when the bytes are not those whose sha256 was recorded."""
+        ...
+
+    def readable(self, ref: str, sha256: str | None) -> bool:
+        """Whether ``ref`` is there, whole (its sha256 the recorded one) and loads."""
+        ...
+
+    def discard(self, ref: str) -> None: ...
+
+    def discard_all(self, edit_id: str) -> None:
+        """Remove everything kept for an edit that will never be served (it failed)."""
+        ...
+
+    def discard_others(self, edit_id: str, keep: str) -> None:
+        """Remove what earlier attempts at this edit left (a worker that died after saving)."""
+        ...
+
+
+class ExpertFiles:
+    """One safetensors file per attempt. Paths recorded in the database are relative to
+    ``data_dir``, so the folder can move.
+
+    ``create``: make the folder at once, so that a data directory new experts cannot be written
+    to fails at start; off where files are only read (``SCEN_EXPERT_STORE=database``).
+    """
+
+    def __init__(self, data_dir: Path, create: bool = True):
+        self.data_dir = Path(data_dir)
+        self.root = self.data_dir / "experts"
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def save(self, edit_id: str, trained: TrainedEdit) -> tuple[str, str]:
+        return self.save_bytes(edit_id, edit_bytes(trained))
+
+    def save_bytes(self, edit_id: str, data: bytes) -> tuple[str, str]:
+        """Written atomically (temp file, fsync, rename) to a name no other attempt uses."""
         relative = f"experts/{edit_id}.{uuid.uuid4().hex[:8]}.safetensors"
-        sha = save_edit(trained, self.data_dir / relative)
-        return relative, sha
+        write_atomic(self.data_dir / relative, data)
+        return relative, hashlib.sha256(data).hexdigest()
 
-    def load(self, relative: str, sha256: str | None) -> TrainedEdit:
-        return load_edit(self.data_dir / relative, sha256)
+    def read_bytes(self, ref: str) -> bytes:
+        return (self.data_dir / ref).read_bytes()
 
-    def readable(self, relative: str, sha256: str | None) -> bool:
-        """Whether the file is there, whole (its sha256 the recorded one) and loads."""
+    def load(self, ref: str, sha256: str | None) -> TrainedEdit:
+        return load_edit(self.data_dir / ref, sha256)
+
+    def readable(self, ref: str, sha256: str | None) -> bool:
         try:
-            self.load(relative, sha256)
+            self.load(ref, sha256)
         except Exception:
             return False
         return True
 
-    def discard(self, relative: str) -> None:
-        (self.data_dir / relative).unlink(missing_ok=True)
+    def discard(self, ref: str) -> None:
+        (self.data_dir / ref).unlink(missing_ok=True)
 
     def discard_all(self, edit_id: str) -> None:
-        """Remove every file of an edit that will never be served (it failed)."""
         for path in self.root.glob(f"{edit_id}.*.safetensors"):
             log.info("removing expert file %s of a failed edit", path)
             path.unlink(missing_ok=True)
 
     def discard_others(self, edit_id: str, keep: str) -> None:
-        """Remove files left by earlier attempts at this edit (a worker that died after writing)."""
         for path in self.root.glob(f"{edit_id}.*.safetensors"):
             if path.name != Path(keep).name:
                 log.info("removing stale expert file %s", path)
                 path.unlink(missing_ok=True)
+
+
+class ExpertRows:
+    """One ``stored_experts`` row per attempt, inserted in a transaction of its own: replicas and
+    workers on different machines share nothing but the database."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def save(self, edit_id: str, trained: TrainedEdit) -> tuple[str, str]:
+        return self.save_bytes(edit_id, edit_bytes(trained))
+
+    def save_bytes(self, edit_id: str, data: bytes) -> tuple[str, str]:
+        sha = hashlib.sha256(data).hexdigest()
+        with self.db.session() as session:
+            expert_id = repo.store_expert(session, edit_id, data, sha)
+        return f"{ROW_PREFIX}{expert_id}", sha
+
+    def _row(self, ref: str) -> tuple[bytes, str]:
+        found = None
+        if is_row(ref):
+            with self.db.session() as session:
+                found = repo.stored_expert_data(session, ref.removeprefix(ROW_PREFIX))
+        if found is None:
+            raise IntegrityError(f"{ref}: no such expert in the database")
+        return found
+
+    def read_bytes(self, ref: str) -> bytes:
+        return self._row(ref)[0]
+
+    def load(self, ref: str, sha256: str | None) -> TrainedEdit:
+        data, recorded = self._row(ref)
+        return edit_from_bytes(data, sha256 if sha256 is not None else recorded, name=ref)
+
+    def readable(self, ref: str, sha256: str | None) -> bool:
+        # A database that cannot be reached is not an unreadable expert: that error goes up.
+        try:
+            self.load(ref, sha256)
+        except (OSError, ScenError):
+            return False
+        return True
+
+    def discard(self, ref: str) -> None:
+        if is_row(ref):
+            with self.db.session() as session:
+                repo.delete_stored_expert(session, ref.removeprefix(ROW_PREFIX))
+
+    def discard_all(self, edit_id: str) -> None:
+        with self.db.session() as session:
+            removed = repo.delete_stored_experts(session, edit_id)
+        if removed:
+            log.info("removed %d stored experts of failed edit %s", len(removed), edit_id)
+
+    def discard_others(self, edit_id: str, keep: str) -> None:
+        keep_id = keep.removeprefix(ROW_PREFIX) if is_row(keep) else None
+        with self.db.session() as session:
+            removed = repo.delete_stored_experts(session, edit_id, keep=keep_id)
+        if removed:
+            log.info("removed %d stale stored experts of edit %s", len(removed), edit_id)
+
+
+class Experts:
+    """The experts of one process: new ones go to the configured store; a recorded reference is
+    read from the store its form names.
+
+    Files are always readable here, rows whenever the database is: an operator may switch
+    ``SCEN_EXPERT_STORE`` without losing live edits. Cleaning up after attempts touches the rows
+    only when they are the store in use, so the files store issues no query of its own.
+    """
+
+    def __init__(self, files: ExpertFiles, rows: ExpertRows, use: str = "files"):
+        self.files = files
+        self.rows = rows
+        self.use = use
+        self._writes: ExpertStore = rows if use == "database" else files
+
+    @property
+    def data_dir(self) -> Path:
+        return self.files.data_dir
+
+    def _store(self, ref: str) -> ExpertStore:
+        return self.rows if is_row(ref) else self.files
+
+    def save(self, edit_id: str, trained: TrainedEdit) -> tuple[str, str]:
+        return self._writes.save(edit_id, trained)
+
+    def save_bytes(self, edit_id: str, data: bytes) -> tuple[str, str]:
+        return self._writes.save_bytes(edit_id, data)
+
+    def read_bytes(self, ref: str) -> bytes:
+        return self._store(ref).read_bytes(ref)
+
+    def load(self, ref: str, sha256: str | None) -> TrainedEdit:
+        return self._store(ref).load(ref, sha256)
+
+    def readable(self, ref: str, sha256: str | None) -> bool:
+        return self._store(ref).readable(ref, sha256)
+
+    def discard(self, ref: str) -> None:
+        self._store(ref).discard(ref)
+
+    def discard_all(self, edit_id: str) -> None:
+        self.files.discard_all(edit_id)
+        if self.use == "database":
+            self.rows.discard_all(edit_id)
+
+    def discard_others(self, edit_id: str, keep: str) -> None:
+        self.files.discard_others(edit_id, keep)
+        if self.use == "database":
+            self.rows.discard_others(edit_id, keep)
+
+
+def open_experts(settings: Settings, db: Database) -> Experts:
+    """The expert store ``settings.expert_store`` names, able to read the other one too."""
+    use = settings.expert_store
+    return Experts(ExpertFiles(settings.data_dir, create=use == "files"), ExpertRows(db), use)

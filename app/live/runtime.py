@@ -10,7 +10,7 @@ from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_afte
 
 from app.db.migrate import upgrade
 from app.db.session import Database
-from app.live.experts import ExpertFiles
+from app.live.experts import Experts, open_experts
 from app.live.sync import LiveSync
 from app.models import LoadedModel, load_model
 from app.queue import EditQueue, make_queue
@@ -50,7 +50,7 @@ class ServedModel:
 
     editor: Editor
     model_name: str
-    experts: ExpertFiles
+    experts: Experts
     sync: LiveSync
 
 
@@ -61,7 +61,7 @@ def build_served_model(settings: Settings, db: Database, loaded: LoadedModel | N
         loaded = load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
     editor = Editor(loaded.model, loaded.tokenizer, settings.engine_config,
                     cache_dir=settings.cache_dir / "pool-keys")
-    experts = ExpertFiles(settings.data_dir)
+    experts = open_experts(settings, db)
     sync = LiveSync(editor, db, experts)
     sync.reconcile()
     return ServedModel(editor, loaded.name, experts, sync)

@@ -7,7 +7,7 @@ import threading
 
 from app.db import edits as repo
 from app.db.session import Database
-from app.live.experts import ExpertFiles
+from app.live.experts import Experts
 from app.scen import Editor, ScenError, TrainedEdit
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ class LiveSync:
     sees it, so a rollback racing an activation cannot leave a stale edit live.
     """
 
-    def __init__(self, editor: Editor, db: Database, experts: ExpertFiles):
+    def __init__(self, editor: Editor, db: Database, experts: Experts):
         self.editor = editor
         self.db = db
         self.experts = experts

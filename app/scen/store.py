@@ -23,6 +23,13 @@ FORMAT = "scen-edit/3"
 
 def save_edit(edit: TrainedEdit, path: str | os.PathLike) -> str:
     """Write ``edit`` to ``path`` (temp file, fsync, rename) and return its sha256."""
+    data = edit_bytes(edit)
+    write_atomic(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def edit_bytes(edit: TrainedEdit) -> bytes:
+    """The bytes of an edit file: what ``save_edit`` writes, for stores that are not files."""
     tensors = {f"expert.{k}": v.detach().cpu().contiguous() for k, v in edit.expert.tensors().items()}
     for name, value in dataclasses.asdict(edit.neuron).items():
         tensors[f"neuron.{name}"] = value.detach().cpu().contiguous()
@@ -38,9 +45,7 @@ def save_edit(edit: TrainedEdit, path: str | os.PathLike) -> str:
         "expert_kind": edit.expert.kind,
         "metrics": json.dumps(edit.metrics),
     }
-    data = st_save(tensors, metadata=metadata)
-    write_atomic(Path(path), data)
-    return hashlib.sha256(data).hexdigest()
+    return st_save(tensors, metadata=metadata)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -65,19 +70,24 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def load_edit(path: str | os.PathLike, sha256: str | None = None) -> TrainedEdit:
     """Read an edit; with ``sha256`` given, refuse a file whose bytes do not match."""
-    data = Path(path).read_bytes()
+    return edit_from_bytes(Path(path).read_bytes(), sha256, name=str(path))
+
+
+def edit_from_bytes(data: bytes, sha256: str | None = None, name: str = "edit") -> TrainedEdit:
+    """Read the bytes of an edit file, checked as ``load_edit`` checks a file; ``name`` says
+    where they came from in errors."""
     if sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
-            raise IntegrityError(f"{path}: sha256 is {actual}, expected {sha256}")
+            raise IntegrityError(f"{name}: sha256 is {actual}, expected {sha256}")
     try:
         meta = _metadata(data)
         if meta.get("format") != FORMAT:
-            raise IntegrityError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+            raise IntegrityError(f"{name}: format {meta.get('format')!r}, expected {FORMAT!r}")
         tensors = st_load(data)
         return _edit(meta, tensors)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{path}: not a readable edit file ({exc})") from None
+        raise IntegrityError(f"{name}: not a readable edit file ({exc})") from None
 
 
 def _edit(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> TrainedEdit:
