@@ -57,10 +57,17 @@ def evaluate(
     }
     if method.routes:
         out["locality_routed_rate"] = M.rate([s.served_by is not None for s in s_loc])
+        # A locality prompt may name the subject of another edit of the run (CounterFact's
+        # neighbourhoods do now and then): a route there can be that edit answering about its own
+        # subject. Routes to an edit whose subject the prompt does not name are leaks for sure.
+        subjects = {edit_id(r): r.subject for r in records}
+        out["locality_routed_unnamed_rate"] = M.rate([
+            s.served_by is not None and not _names(p, subjects.get(s.served_by)) for (_, p, _), s in zip(loc, s_loc)
+        ])
         out["reliability_routed_own_rate"] = M.rate([s.served_by == e for (e, _, _), s in zip(rel, s_rel)])
         out["generality_routed_own_rate"] = M.rate([s.served_by == e for (e, _, _), s in zip(gen, s_gen)])
     else:
-        out["locality_routed_rate"] = None
+        out["locality_routed_rate"] = out["locality_routed_unnamed_rate"] = None
 
     out |= neighbour_metrics(method, records, reference, plan, (rel, gen, loc), (s_rel, s_gen, s_loc))
     if generation:
@@ -77,6 +84,10 @@ def evaluate(
         "eval_seconds": time.perf_counter() - start,
     }
     return out
+
+
+def _names(prompt: str, subject: str | None) -> bool:
+    return subject is not None and subject != "" and subject.casefold() in prompt.casefold()
 
 
 def neighbour_metrics(

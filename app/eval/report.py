@@ -16,6 +16,7 @@ TABLE_METRICS = [
     ("generation_exact_match_rephrase", "EM reph"),
     ("generation_locality_unchanged", "loc gen same"),
     ("locality_routed_rate", "loc routed"),
+    ("locality_routed_unnamed_rate", "loc routed, subject unnamed"),
     ("probe_other_subject_routed_rate", "other-subj routed"),
     ("probe_same_subject_routed_rate", "same-subj routed"),
     ("cf_efficacy_score", "CF eff"),

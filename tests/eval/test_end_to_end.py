@@ -50,8 +50,10 @@ def test_scen_end_to_end_on_tiny_model(tmp_path):
     assert on_disk["config"]["layer"] == 2 and on_disk["config"]["seed"] == 1
     m = on_disk["methods"]["scen"]
     for key in ("reliability", "generality", "locality", "generation_exact_match", "seconds_per_edit_p50",
-                "seconds_per_edit_p95", "locality_routed_rate", "generation_exact_match_rephrase"):
+                "seconds_per_edit_p95", "locality_routed_rate", "locality_routed_unnamed_rate",
+                "generation_exact_match_rephrase"):
         assert m[key] is not None and 0 <= m[key] <= (1 if "seconds" not in key else 1e3), key
+    assert m["locality_routed_unnamed_rate"] <= m["locality_routed_rate"]
     # Converged edits on a model that routes them: the edit prompt is reproduced exactly.
     assert m["reliability"] == 1.0 and m["generation_exact_match"] == 1.0
     assert m["counts"] == {"edits": 4, "rephrases": 4, "locality": 4}
@@ -86,6 +88,7 @@ def test_all_methods_and_theta_sweep_on_tiny_model(tmp_path):
         assert 0 <= m["reliability"] <= 1 and 0 <= m["locality"] <= 1, name
         assert results["checkpoints"][0]["methods"][name]["counts"]["edits"] == 1
     assert results["methods"]["ft"]["locality_routed_rate"] is None
+    assert results["methods"]["ft"]["locality_routed_unnamed_rate"] is None
     assert results["methods"]["grace"]["locality_routed_rate"] is not None
     assert results["method_config"]["grace"]["epsilon"] == 1.0
     assert [r["value"] for r in results["sweeps"]["scen"]["theta"]] == [0.5, 0.9]
