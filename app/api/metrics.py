@@ -4,8 +4,9 @@ Four sources, one registry:
 
 - **Requests**: count, latency and sizes per route and status, by prometheus-fastapi-instrumentator
   (``http_requests_total``, ``http_request_duration_seconds``, ...).
-- **This process**: generation latency and tokens, batch sizes, its live model, the process
-  itself (``process_*``, ``python_*``).
+- **This process**: generation latency and tokens, batch sizes, its live model and the cache of
+  its experts (hits, loads, evictions, what is resident), the process itself (``process_*``,
+  ``python_*``).
 - **Shared state, read at scrape time**: edits by status from the database, the queue's depth
   and its oldest waiting edit. Every API process reports the same values (aggregate with
   ``max``, not ``sum``).
@@ -31,7 +32,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator import Instrumentator
 
@@ -40,6 +41,7 @@ from app.db.models import EditStatus
 from app.db.session import Database
 from app.live import ServedModel
 from app.queue import EditQueue
+from app.scen.expert_cache import CacheStats
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class Metrics:
         self.unserved_edits = Gauge("scen_unserved_edits", "Active edits this process cannot serve: their expert "
                                     "file is missing or unreadable", registry=self.registry)
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and benchmarks
+        self.expert_cache = ExpertCacheCollector()
+        self.registry.register(self.expert_cache)
         self._state: StateCollector | None = None
 
     def instrument(self, app: FastAPI) -> None:
@@ -101,7 +105,39 @@ class Metrics:
             self.live_edits.set(len(served.editor.edit_ids))
             self.model_version.set(served.editor.version)
             self.unserved_edits.set(len(served.sync.unserved))
+        self.expert_cache.stats = served.editor.expert_cache.stats() if served is not None else None
         return generate_latest(self.registry)
+
+
+class ExpertCacheCollector(Collector):
+    """The live experts' cache as last read by ``Metrics.render``: its counters are the
+    cache's own, so they are reported as they stand rather than incremented here."""
+
+    def __init__(self) -> None:
+        self.stats: CacheStats | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(CacheStats())
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self.stats or CacheStats())
+
+    @staticmethod
+    def _families(stats: CacheStats) -> list[Metric]:
+        return [
+            CounterMetricFamily("scen_expert_cache_hits", "Routed batches' experts found resident (one per "
+                                "expert and batch)", value=stats.hits),
+            CounterMetricFamily("scen_expert_cache_loads", "Experts loaded from the store because a routed batch "
+                                "needed one not resident", value=stats.loads),
+            CounterMetricFamily("scen_expert_cache_load_failures", "Experts a routed batch needed that could not "
+                                "be loaded (its rows got the base model)", value=stats.load_failures),
+            CounterMetricFamily("scen_expert_cache_evictions", "Experts let go, least recently used first, to "
+                                "stay within SCEN_EXPERT_CACHE_MB", value=stats.evictions),
+            GaugeMetricFamily("scen_expert_cache_resident_experts", "Experts held in memory",
+                              value=stats.resident),
+            GaugeMetricFamily("scen_expert_cache_resident_bytes", "Bytes of the experts held in memory",
+                              value=stats.resident_bytes),
+        ]
 
 
 class StateCollector(Collector):

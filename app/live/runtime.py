@@ -63,5 +63,7 @@ def build_served_model(settings: Settings, db: Database, loaded: LoadedModel | N
                     cache_dir=settings.cache_dir / "pool-keys")
     experts = open_experts(settings, db)
     sync = LiveSync(editor, db, experts)
+    budget = settings.expert_cache_mb
+    editor.page_experts(None if budget is None else int(budget * 2**20), sync.load_expert)
     sync.reconcile()
     return ServedModel(editor, loaded.name, experts, sync)

@@ -8,7 +8,8 @@ import threading
 from app.db import edits as repo
 from app.db.session import Database
 from app.live.experts import Experts
-from app.scen import Editor, ScenError, TrainedEdit
+from app.scen import Editor, ScenError, TrainedEdit, UnknownEditError
+from app.scen.experts import Expert
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,11 @@ class LiveSync:
     All changes to the live set go through ``reconcile``, which reads the database
     while holding one lock: whatever commit came last, the reconcile that follows it
     sees it, so a rollback racing an activation cannot leave a stale edit live.
+
+    ``load_expert`` is the editor's way back to an expert its cache let go. When that
+    load fails while serving, the edit is reported unserved at once; the next reconcile
+    reads its file again and either hands the editor the expert or, as at start-up,
+    takes the edit out of the live set until the file reads again.
     """
 
     def __init__(self, editor: Editor, db: Database, experts: Experts):
@@ -28,12 +34,34 @@ class LiveSync:
         self._lock = threading.Lock()
         self._broken: set[tuple[str, str | None]] = set()  # (id, sha) whose file failed to load, logged once
         self._unserved: dict[str, str] = {}
+        self._stored: dict[str, tuple[str, str | None]] = {}  # live id -> (expert path, sha256), as last read
+        # Edits whose expert failed to load while serving, with the reason; written under the
+        # editor's lock (a forward pass), so never under ``_lock``: a reconcile holds it while
+        # it waits for the editor's.
+        self._failed_lock = threading.Lock()
+        self._failed: dict[str, str] = {}
 
     @property
     def unserved(self) -> dict[str, str]:
         """Active edits this editor cannot serve (their expert file is missing or unreadable),
         with the reason. Each reconcile tries their files again, so a restored file serves."""
-        return dict(self._unserved)
+        with self._failed_lock:
+            return {**self._unserved, **self._failed}
+
+    def load_expert(self, edit_id: str) -> Expert:
+        """A live edit's expert read again from the store (the editor's cache let it go)."""
+        stored = self._stored.get(edit_id)
+        if stored is None:
+            raise UnknownEditError(edit_id)
+        path, sha = stored
+        try:
+            return self.experts.load(path, sha).expert
+        except Exception as exc:
+            with self._failed_lock:
+                self._failed[edit_id] = self._reason(exc)
+            # The editor logs this failure; the reconcile that tries the file again need not.
+            self._broken.add((edit_id, sha))
+            raise
 
     def reconcile(self, trained: dict[str, TrainedEdit] | None = None) -> tuple[list[str], list[str]]:
         """Make the live set equal the active edits, in activation order (oldest first);
@@ -42,16 +70,20 @@ class LiveSync:
         with self._lock:
             with self.db.session() as session:
                 records = repo.live_records(session)
+            self._stored = {rec.id: (rec.expert_path, rec.expert_sha256) for rec in records}
+            with self._failed_lock:
+                failed, self._failed = self._failed, {}
             current = set(self.editor.edit_ids)
             loaded: dict[str, TrainedEdit] = {}
             wanted: list[str] = []
             unserved: dict[str, str] = {}
+            refound: dict[str, TrainedEdit] = {}  # live, their expert failed to load while serving, read now
             for rec in records:
-                if rec.id not in current:
+                if rec.id not in current or rec.id in failed:
                     edit = trained.get(rec.id) or self._load(rec, unserved)
                     if edit is None:
                         continue
-                    loaded[rec.id] = edit
+                    (refound if rec.id in current else loaded)[rec.id] = edit
                 wanted.append(rec.id)
             behind = self._behind(wanted, current)
             if behind:
@@ -60,9 +92,16 @@ class LiveSync:
                 # live ones would lose their overrides of it. Those newer ones go out and come in
                 # again after it. Generations in between see them missing for a moment.
                 for edit_id in behind:
-                    loaded[edit_id] = self.editor.get(edit_id)
+                    try:
+                        loaded[edit_id] = refound.get(edit_id) or self.editor.get(edit_id)
+                    except ScenError as exc:  # its expert was paged out and does not load
+                        wanted.remove(edit_id)
+                        unserved[edit_id] = self._reason(exc)
                 self.editor.sync([i for i in self.editor.edit_ids if i not in behind], loaded.__getitem__)
             added, removed = self.editor.sync(wanted, loaded.__getitem__)
+            for edit_id, edit in refound.items():
+                if edit_id not in loaded:
+                    self.editor.provide_expert(edit_id, edit.expert)
             self._unserved = unserved
         if behind:
             log.info("re-added %d live edits after the edits restored before them", len(behind))
@@ -81,10 +120,13 @@ class LiveSync:
         try:
             return self.experts.load(rec.expert_path, rec.expert_sha256)
         except (OSError, ScenError) as exc:
-            # Clients see the reason: paths relative to the data directory, as the database has them.
-            reason = str(exc).replace(f"{self.experts.data_dir}/", "")
-            unserved[rec.id] = f"active but not served: its expert file cannot be loaded ({reason})"
+            unserved[rec.id] = self._reason(exc)
             if (rec.id, rec.expert_sha256) not in self._broken:
                 self._broken.add((rec.id, rec.expert_sha256))
                 log.error("edit %s is active but its expert cannot be loaded: %s", rec.id, exc)
             return None
+
+    def _reason(self, exc: Exception) -> str:
+        # Clients see the reason: paths relative to the data directory, as the database has them.
+        reason = str(exc).replace(f"{self.experts.data_dir}/", "")
+        return f"active but not served: its expert file cannot be loaded ({reason})"

@@ -5,11 +5,15 @@ It wraps a loaded causal LM, swaps the edited layer's down projection for a
 model), ``add`` / ``remove`` it, ``sync`` to a wanted set, and ``generate`` /
 ``routing`` / ``activations`` for serving and evaluation. All model access,
 tokenization included, goes through one lock, so threads can share an editor.
+
+Each live edit's neuron and keys stay resident; its expert is held by the routed
+layer's expert cache, which ``page_experts`` bounds (by default it holds them all).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import threading
@@ -24,7 +28,8 @@ from app.scen import keycache, negatives
 from app.scen.adapters import adapter_for
 from app.scen.config import ScenConfig
 from app.scen.errors import UnknownEditError
-from app.scen.experts import new_expert
+from app.scen.expert_cache import ExpertCache, InCache
+from app.scen.experts import Expert, new_expert
 from app.scen.indexing import (
     EditRecording,
     PoolKeys,
@@ -92,7 +97,7 @@ class Editor:
         self.device = next(model.parameters()).device
         self._lock = threading.RLock()
         self._ids: list[str] = []  # slot -> edit id
-        self._edits: dict[str, TrainedEdit] = {}
+        self._edits: dict[str, TrainedEdit] = {}  # without their experts (see ``get``)
         self._version = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._rng = random.Random(self.config.seed)
@@ -134,10 +139,40 @@ class Editor:
         return list(self._ids)
 
     def get(self, edit_id: str) -> TrainedEdit:
-        try:
-            return self._edits[edit_id]
-        except KeyError:
-            raise UnknownEditError(edit_id) from None
+        """A live edit with its expert, loaded if it is paged out (``ExpertUnavailableError``
+        when that fails)."""
+        with self._lock:
+            try:
+                record = self._edits[edit_id]
+            except KeyError:
+                raise UnknownEditError(edit_id) from None
+            return dataclasses.replace(record, expert=self.routed.experts[self._ids.index(edit_id)])
+
+    @property
+    def expert_cache(self) -> ExpertCache:
+        return self.routed.experts.cache
+
+    def page_experts(self, budget_bytes: int | None, load: Callable[[str], Expert] | None) -> None:
+        """Hold the live experts within ``budget_bytes`` (None: no bound), the least recently
+        used out first, and load one again with ``load(edit_id)`` when a prompt is routed to
+        it. Without ``load`` every expert stays resident, whatever the budget."""
+        loader: Callable[[str], Expert] | None = None
+        if load is not None:
+            fetch, device = load, self.device
+
+            def loader(edit_id: str) -> Expert:
+                return fetch(edit_id).to(device).requires_grad_(False)
+
+        with self._lock:
+            self.expert_cache.configure(budget_bytes, loader)
+
+    def provide_expert(self, edit_id: str, expert: Expert) -> None:
+        """Hand a live edit's expert to the cache again, e.g. once its file, which failed to load
+        while serving, reads again."""
+        with self._lock:
+            if edit_id not in self._edits:
+                raise UnknownEditError(edit_id)
+            self.expert_cache.put(edit_id, expert.to(self.device).requires_grad_(False))
 
     # ---- editing --------------------------------------------------------------------------
 
@@ -187,9 +222,10 @@ class Editor:
                 return False
             # It takes over from the live edits it was found to cover when it was trained.
             overrides = [self._ids.index(i) for i in edit.metrics.get("overrides", ()) if i in self._edits]
-            self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), overrides)
+            self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), overrides, edit_id)
             self._ids.append(edit_id)
-            self._edits[edit_id] = edit
+            # The expert is the cache's to hold or let go; the rest of the record stays.
+            self._edits[edit_id] = dataclasses.replace(edit, expert=_IN_CACHE)
             self._version += 1
             return True
 
@@ -238,6 +274,7 @@ class Editor:
         with self._lock:
             self.adapter.set_down(self.layers[self.layer], self.routed.base)
             self.routed.detach_taps()
+            self.routed.experts.clear()
             self._ids, self._edits = [], {}
             self._version += 1
 
@@ -425,6 +462,9 @@ class Editor:
                 relation.append(self._read_relation(batch, rec.relation, chunk))
             questions = self._relation_keys(negatives.generic_questions())
             return PoolKeys(torch.cat(subject), torch.cat(relation), questions)
+
+
+_IN_CACHE = InCache()
 
 
 def _chunks(items: Sequence, size: int):

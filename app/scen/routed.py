@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.scen.expert_cache import ExpertCache, ExpertUnavailableError
 from app.scen.experts import Expert
 
 
@@ -270,6 +272,50 @@ class RoutingSession:
     at: torch.Tensor | None = None  # (B,) routing position per row; None: each row's last
     content: torch.Tensor | None = None  # (B, T) bool, the user's text; None: every position up to ``at``
     routing: Routing | None = None
+    experts: dict[int, Expert] | None = None  # slot -> expert, resolved with ``routing``
+
+
+class SlotExperts:
+    """The live experts in slot order (slot i <-> the router's neuron i), held in an
+    ``ExpertCache`` by edit id: slots shift when an edit is removed, ids do not."""
+
+    def __init__(self, cache: ExpertCache | None = None):
+        self.cache = cache if cache is not None else ExpertCache()
+        self._ids: list[str] = []
+        self._unnamed = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def edit_id(self, slot: int) -> str:
+        return self._ids[slot]
+
+    def append(self, expert: Expert, edit_id: str | None = None) -> int:
+        """Add an expert in the next slot, resident; returns the slot."""
+        key = edit_id if edit_id is not None else f"<unnamed expert {next(self._unnamed)}>"
+        self.cache.put(key, expert)
+        self._ids.append(key)
+        return len(self._ids) - 1
+
+    def pop(self, slot: int) -> None:
+        self.cache.drop(self._ids.pop(slot))
+
+    def __delitem__(self, slot: int) -> None:
+        self.pop(slot)
+
+    def __getitem__(self, slot: int) -> Expert:
+        expert = self.cache.get(self._ids[slot])
+        if expert is None:
+            raise ExpertUnavailableError(f"the expert of edit {self._ids[slot]} cannot be loaded")
+        return expert
+
+    def resolve(self, slots: Sequence[int]) -> dict[int, Expert | None]:
+        """The expert of each slot, loaded where not resident; None where it cannot be."""
+        return {slot: self.cache.get(self._ids[slot]) for slot in slots}
+
+    def clear(self) -> None:
+        self._ids.clear()
+        self.cache.clear()
 
 
 class RoutedDown(nn.Module):
@@ -279,13 +325,18 @@ class RoutedDown(nn.Module):
     ``subject_down`` and ``relation_down`` are the down projections of the subject and
     relation layers (at or below this one; ``relation_down`` may be ``base`` itself):
     hooks keep the keys they saw in the current forward pass for the router.
+
+    The experts a batch is routed to are resolved once, when it is routed, and held by its
+    routing session until the session ends: the expert cache may page one out meanwhile
+    without taking it from the batch. A slot whose expert cannot be loaded serves its
+    rows with the base model, and the routing says so (slot -1).
     """
 
     def __init__(self, base: nn.Module, router: Router, subject_down: nn.Module, relation_down: nn.Module):
         super().__init__()
         self.base = base
         self.router = router
-        self.experts = nn.ModuleList()  # slot i <-> the router's neuron i
+        self.experts = SlotExperts()
         self.session: RoutingSession | None = None
         self._bypass = False
         self._forced: torch.Tensor | None = None
@@ -305,28 +356,37 @@ class RoutedDown(nn.Module):
         out = self.base(k)
         if self._bypass:
             return out
-        routing = self._routing(k)
-        if routing is None:
+        routed = self._routing(k)
+        if routed is None:
             return out
-        for slot in routing.slots.unique().tolist():
-            if slot < 0:
-                continue
+        routing, experts = routed
+        for slot, expert in experts.items():
             rows = routing.slots == slot
-            out[rows] = out[rows] + self.experts[slot](k[rows])
+            out[rows] = out[rows] + expert(k[rows])
         return out
 
-    def _routing(self, k: torch.Tensor) -> Routing | None:
+    def _routing(self, k: torch.Tensor) -> tuple[Routing, dict[int, Expert]] | None:
         if self._forced is not None:
-            return Routing(self._forced, torch.ones_like(self._forced, dtype=torch.float))
+            return self._resolved(Routing(self._forced, torch.ones_like(self._forced, dtype=torch.float)))
         if len(self.experts) == 0:
             return None
         session = self.session
-        if session is not None and session.routing is not None:
-            return session.routing  # decode step: keep the prefill decision
-        routing = self.router.route(self.routing_keys(k, session))
+        if session is not None and session.routing is not None and session.experts is not None:
+            return session.routing, session.experts  # decode step: keep the prefill decision
+        routing, experts = self._resolved(self.router.route(self.routing_keys(k, session)))
         if session is not None:
-            session.routing = routing
-        return routing
+            session.routing, session.experts = routing, experts
+        return routing, experts
+
+    def _resolved(self, routing: Routing) -> tuple[Routing, dict[int, Expert]]:
+        """The routing with the experts of its slots; rows of a slot whose expert cannot be
+        loaded go to the base model."""
+        found = self.experts.resolve([s for s in routing.slots.unique().tolist() if s >= 0])
+        lost = [slot for slot, expert in found.items() if expert is None]
+        if lost:
+            base = torch.isin(routing.slots, torch.tensor(lost, device=routing.slots.device))
+            routing = Routing(routing.slots.masked_fill(base, -1), routing.activations)
+        return routing, {slot: expert for slot, expert in found.items() if expert is not None}
 
     def routing_keys(self, k: torch.Tensor, session: RoutingSession | None) -> RoutingKeys:
         """The keys of the forward pass in progress, given this layer's keys ``k`` (B, T, h)."""
@@ -376,10 +436,12 @@ class RoutedDown(nn.Module):
 
     # ---- live set ----------------------------------------------------------------------
 
-    def append(self, expert: Expert, neuron: Neuron, overrides: Sequence[int] = ()) -> int:
-        self.experts.append(expert)
+    def append(
+        self, expert: Expert, neuron: Neuron, overrides: Sequence[int] = (), edit_id: str | None = None
+    ) -> int:
+        slot = self.experts.append(expert, edit_id)
         self.router.append(neuron, overrides)
-        return len(self.experts) - 1
+        return slot
 
     def pop(self, slot: int) -> None:
         del self.experts[slot]
