@@ -191,9 +191,11 @@ def edits_export(path: Annotated[Path, typer.Argument(help="The archive to write
     """Write every active edit (metadata, expert and neuron tensors, sha256) and the fingerprint of
     the model, layers and key normalisation they were trained for to one archive."""
     from app.live.archive import export_edits
+    from app.live.experts import open_experts
 
     settings = _settings()
-    here, done = _with_archive("export", settings, lambda db, here: export_edits(db, settings.data_dir, here, path))
+    here, done = _with_archive("export", settings,
+                               lambda db, here: export_edits(db, open_experts(settings, db), here, path))
     typer.echo(f"exported {done.edits} edits to {path} (model {here.model}, layers {here.layers})")
 
 
@@ -203,10 +205,12 @@ def edits_import(path: Annotated[Path, typer.Argument(help="An archive written b
     for this deployment's model, layers and key normalisation; importing again changes nothing."""
     from app.live import open_queue
     from app.live.archive import import_edits
+    from app.live.experts import open_experts
     from app.queue import EditChanged
 
     settings = _settings()
-    _, done = _with_archive("import", settings, lambda db, here: import_edits(db, settings.data_dir, here, path))
+    _, done = _with_archive("import", settings,
+                            lambda db, here: import_edits(db, open_experts(settings, db), here, path))
     if settings.queue_url is not None and (done.imported or done.superseded):
         # Running API processes follow at once (else at their next reconciliation).
         queue = open_queue(settings)

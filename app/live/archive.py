@@ -9,6 +9,9 @@ An archive is one tar file:
 - ``experts/ID.safetensors``: each edit's expert and indexing-neuron tensors, the bytes of
   its expert file unchanged, so the sha256 recorded in the database still holds.
 
+Experts are read and written through the deployment's expert store (files or database rows),
+so an archive is the same whichever store either side uses.
+
 An expert reads the edited layer's key and its neuron reads whitened keys of the subject and
 relation layers, so an edit only means something to the same weights, the same layers and the
 same key normalisation. The fingerprint names all three: a sha256 of every weight; the layer
@@ -26,7 +29,6 @@ import logging
 import os
 import tarfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,8 +38,9 @@ import torch
 
 from app.db import edits as repo
 from app.db.session import Database
+from app.live.experts import ExpertStore
 from app.models import LoadedModel, load_model
-from app.scen import ScenConfig, ScenError, keycache, load_edit, negatives
+from app.scen import ScenConfig, ScenError, keycache, negatives
 from app.scen.adapters import adapter_for
 from app.scen.prompts import prompt_ids
 from app.scen.store import write_atomic
@@ -108,7 +111,7 @@ class Exported:
     fingerprint: Fingerprint
 
 
-def export_edits(db: Database, data_dir: Path, here: Fingerprint, path: Path) -> Exported:
+def export_edits(db: Database, experts: ExpertStore, here: Fingerprint, path: Path) -> Exported:
     """Write every active edit to the archive ``path`` (replaced atomically; nothing on failure)."""
     with db.session() as session:
         edits = repo.active_edits(session)
@@ -118,10 +121,12 @@ def export_edits(db: Database, data_dir: Path, here: Fingerprint, path: Path) ->
         if not edit.expert_path or not edit.expert_sha256:
             raise ArchiveError(f"edit {edit.id} is active but has no expert file recorded")
         try:
-            data = (data_dir / edit.expert_path).read_bytes()
+            data = experts.read_bytes(edit.expert_path)
         except OSError as exc:
             raise ArchiveError(f"edit {edit.id}: its expert file cannot be read ({exc.strerror}: "
                                f"{edit.expert_path})") from None
+        except ScenError as exc:
+            raise ArchiveError(f"edit {edit.id}: its expert cannot be read ({exc})") from None
         if hashlib.sha256(data).hexdigest() != edit.expert_sha256:
             raise ArchiveError(f"edit {edit.id}: its expert file {edit.expert_path} does not match its sha256")
         name = f"experts/{edit.id}.safetensors"
@@ -216,11 +221,12 @@ class Imported:
     superseded: list[str]
 
 
-def import_edits(db: Database, data_dir: Path, here: Fingerprint, path: Path, actor: str = "import") -> Imported:
+def import_edits(db: Database, experts: ExpertStore, here: Fingerprint, path: Path,
+                 actor: str = "import") -> Imported:
     """Make the archive's edits active here, after checking it was made for this model.
 
-    All or nothing: the files are written first, then one transaction records every edit; any
-    failure removes the files this import wrote. Edits already here (a re-import) or whose change
+    All or nothing: the experts are stored first, then one transaction records every edit; any
+    failure removes the experts this import stored. Edits already here (a re-import) or whose change
     a local edit already makes are skipped, so importing twice changes nothing the second time.
     """
     archive = read_archive(path)
@@ -230,19 +236,17 @@ def import_edits(db: Database, data_dir: Path, here: Fingerprint, path: Path, ac
     with db.session() as session:
         present = {e["id"] for e in archive.edits if session.get(repo.Edit, e["id"]) is not None}
     wanted = [e for e in archive.edits if e["id"] not in present]
-    written: list[Path] = []
+    written: list[str] = []
     items: list[repo.ImportedEdit] = []
     try:
         for edit in wanted:
-            relative = f"experts/{edit['id']}.{uuid.uuid4().hex[:8]}.safetensors"
-            target = data_dir / relative
-            write_atomic(target, archive.files[edit["id"]])
-            written.append(target)
-            _check_readable(target, edit, here)
+            ref, _ = experts.save_bytes(edit["id"], archive.files[edit["id"]])
+            written.append(ref)
+            _check_readable(experts, ref, edit, here)
             items.append(repo.ImportedEdit(
                 id=edit["id"], prompt=edit["prompt"], target=edit["target"], subject=edit["subject"],
                 rephrases=list(edit["rephrases"]), meta=dict(edit["metadata"]), metrics=edit["metrics"],
-                created_at=datetime.fromisoformat(edit["created_at"]), expert_path=relative,
+                created_at=datetime.fromisoformat(edit["created_at"]), expert_path=ref,
                 expert_sha256=edit["expert_sha256"],
                 details={"archive": os.path.basename(path), "model": archive.fingerprint.model,
                          "source_activated_at": edit["activated_at"]},
@@ -250,21 +254,21 @@ def import_edits(db: Database, data_dir: Path, here: Fingerprint, path: Path, ac
         with db.session() as session:
             outcome = repo.import_active(session, items, repo.Audit(actor))
     except BaseException:
-        for target in written:
-            target.unlink(missing_ok=True)
+        for ref in written:
+            experts.discard(ref)
         raise
     kept = set(outcome.imported)
-    for item, target in zip(items, written):
+    for item, ref in zip(items, written):
         if item.id not in kept:  # lost a race with an edit made meanwhile: not recorded, not kept
-            target.unlink(missing_ok=True)
+            experts.discard(ref)
     skipped = {**dict.fromkeys(present, "already here"), **outcome.skipped}
     log.info("imported %d edits from %s (%d skipped)", len(outcome.imported), path, len(skipped))
     return Imported(outcome.imported, skipped, outcome.superseded)
 
 
-def _check_readable(target: Path, edit: dict[str, Any], here: Fingerprint) -> None:
+def _check_readable(experts: ExpertStore, ref: str, edit: dict[str, Any], here: Fingerprint) -> None:
     try:
-        trained = load_edit(target, edit["expert_sha256"])
+        trained = experts.load(ref, edit["expert_sha256"])
     except (OSError, ScenError) as exc:
         raise ArchiveError(f"edit {edit['id']}: its expert file cannot be read ({exc})") from None
     if trained.layer != here.layers.get("edited"):

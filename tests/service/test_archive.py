@@ -16,6 +16,7 @@ import pytest
 
 from app.db.session import Database
 from app.live.archive import ArchiveError, fingerprint, import_edits, read_archive
+from app.live.experts import open_experts
 from app.models import load_model
 from app.scen import ScenConfig
 from tests.service.conftest import make_settings, running, wait_for, wait_status
@@ -101,7 +102,7 @@ def test_export_import_round_trip(tmp_path, sqlite_url, postgres_url):
         here = fingerprint(load_model(str(model_dir), device="cpu"), ScenConfig())
         db = Database(target.db_url)
         try:
-            again = import_edits(db, target.data_dir, here, archive)
+            again = import_edits(db, open_experts(target, db), here, archive)
         finally:
             db.close()
         assert again.imported == [] and sorted(again.skipped) == sorted(ids[:3])
@@ -134,10 +135,10 @@ def test_mismatched_deployment_refused(tmp_path, sqlite_url):
         loaded = load_model(str(model_dir), device="cpu")
         # Same weights, another edited layer.
         with pytest.raises(ArchiveError, match="layers"):
-            import_edits(db, target.data_dir, fingerprint(loaded, ScenConfig(layer=1)), archive)
+            import_edits(db, open_experts(target, db), fingerprint(loaded, ScenConfig(layer=1)), archive)
         # Same weights and layers, keys normalised otherwise.
         with pytest.raises(ArchiveError, match="normalised differently"):
-            import_edits(db, target.data_dir, fingerprint(loaded, ScenConfig(key_shrinkage=0.2)), archive)
+            import_edits(db, open_experts(target, db), fingerprint(loaded, ScenConfig(key_shrinkage=0.2)), archive)
         assert expert_files(target) == []
     finally:
         db.close()
