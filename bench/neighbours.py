@@ -1,6 +1,8 @@
 """Hand-made neighbours on the bundled SmolLM2: each edit must answer its own prompt and
 rephrases, and every neighbour (same question about another subject, another question
-about the same subject) must keep the unedited model's answer.
+about the same subject) must keep the unedited model's answer. Each prompt is asked twice:
+alone, and as the last turn of a chat with a system message and an earlier exchange
+(routed as the service routes chats: on the last user message).
 
     .venv/bin/python bench/neighbours.py [--set subject_factor=false] [--out bench/results/neighbours.json]
 
@@ -14,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from app.live.generation import Generator, Sampling
+from app.live.prompting import Chat, Message
 from app.models import load_model
 from app.scen import Editor, ScenConfig
 
@@ -34,6 +38,17 @@ CASES = [
     },
 ]
 
+# The conversation before the question: a system message and an unrelated exchange.
+EARLIER = (
+    Message("system", "You are a helpful assistant. Answer briefly."),
+    Message("user", "Hi! I have a couple of questions about technology and business."),
+    Message("assistant", "Of course. Ask away."),
+)
+
+
+def in_chat(prompt: str) -> Chat:
+    return Chat((*EARLIER, Message("user", prompt)))
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,24 +58,33 @@ def main() -> int:
 
     lm = load_model()
     editor = Editor(lm.model, lm.tokenizer, ScenConfig.from_overrides(args.overrides))
+    generator = Generator(editor)
     everything = [p for c in CASES for p in (c["prompt"], *c["rephrases"], *c["neighbours"])]
-    before = {p: g.text for p, g in zip(everything, editor.generate(everything, max_new_tokens=24))}
+    asked = [(p, form) for p in everything for form in ("prompt", "chat")]
+    rows_in = [generator.encode(p if form == "prompt" else in_chat(p)) for p, form in asked]
+
+    def answers() -> dict:
+        return dict(zip(asked, generator.complete(rows_in, Sampling(max_new_tokens=24))))
+
+    before = {k: c.text for k, c in answers().items()}
     for i, case in enumerate(CASES):
         editor.add(f"e{i}", editor.train(case["prompt"], case["target"]))
-    after = dict(zip(everything, editor.generate(everything, max_new_tokens=24)))
+    after = answers()
 
     rows, failed = [], 0
     for i, case in enumerate(CASES):
         for kind, prompts in (("edit", [case["prompt"]]), ("rephrase", case["rephrases"]),
                               ("neighbour", case["neighbours"])):
             for p in prompts:
-                g = after[p]
-                ok = (g.edit_id == f"e{i}" and case["target"] in g.text) if kind != "neighbour" else (
-                    g.edit_id is None and g.text == before[p])
-                failed += not ok
-                rows.append({"kind": kind, "prompt": p, "answer": g.text, "edit_id": g.edit_id,
-                             "activation": round(g.activation, 4), "unedited": before[p], "ok": ok})
-                print(f"{'ok ' if ok else 'BAD'} {kind:9} {p!r} -> {g.text!r} ({g.edit_id}, {g.activation:.3f})")
+                for form in ("prompt", "chat"):
+                    g = after[p, form]
+                    ok = (g.edit_id == f"e{i}" and case["target"] in g.text) if kind != "neighbour" else (
+                        g.edit_id is None and g.text == before[p, form])
+                    failed += not ok
+                    rows.append({"kind": kind, "form": form, "prompt": p, "answer": g.text, "edit_id": g.edit_id,
+                                 "activation": round(g.activation, 4), "unedited": before[p, form], "ok": ok})
+                    print(f"{'ok ' if ok else 'BAD'} {kind:9} {form:6} {p!r} -> {g.text!r} "
+                          f"({g.edit_id}, {g.activation:.3f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"overrides": args.overrides, "failed": failed, "rows": rows}, indent=1))
     return 1 if failed else 0
