@@ -195,6 +195,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"SCEN_ENGINE: {exc}") from None
         return overrides
 
+    @field_validator("expert_cache_mb", mode="before")
+    @classmethod
+    def _unbounded_cache(cls, value: object) -> object:
+        # From the environment, "none" (or nothing) keeps every expert resident.
+        if isinstance(value, str) and value.strip().lower() in {"", "none"}:
+            return None
+        return value
+
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, value: SecretStr | None) -> SecretStr | None:

@@ -40,6 +40,12 @@ def test_cache_dir_is_a_setting(tmp_path, monkeypatch):
     assert Settings(_env_file=None).cache_dir == tmp_path / "cache"
 
 
+@pytest.mark.parametrize("value,expected", [("none", None), ("", None), ("64", 64.0)])
+def test_expert_cache_budget_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("SCEN_EXPERT_CACHE_MB", value)
+    assert Settings(_env_file=None).expert_cache_mb == expected
+
+
 def test_edit_changed_wire_form():
     event = EditChanged("e1", EditStatus.rolled_back)
     assert event.to_dict() == {"type": "edit_changed", "id": "e1", "status": "rolled_back"}
