@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from torch import nn
 
 from app.scen.expert_cache import ExpertCache, ExpertUnavailableError
 from app.scen.experts import Expert
+from app.scen.router_index import DEFAULT as DEFAULT_INDEX
+from app.scen.router_index import IndexSettings, NeuronIndex
 
 
 @dataclass
@@ -151,6 +154,13 @@ class Router(nn.Module):
     except that an edit yields to any later one that overrides it and fires too: a
     later correction of the same fact takes over from the one it corrects, and
     rolling the correction back brings the older edit back.
+
+    With ``index.min_neurons`` or more neurons (on the CPU) a prompt reads only the
+    candidates an approximate index of the subject factors finds (``router_index``):
+    the rule above is applied to them exactly, so a decision differs from reading
+    every neuron only where the index misses an edit that fires. When no candidate
+    fires, the activation reported is the best candidate's, not the best of all (and
+    only its subject factor where no candidate's passes theta).
     """
 
     subject_w = _Rows()  # (E, h_s)
@@ -163,6 +173,7 @@ class Router(nn.Module):
     def __init__(
         self, h_subject: int, h: int, theta: float, pooled: bool = True, subject_margin: float = 0.0,
         relation_margin: float = 0.0, device: torch.device | None = None,
+        index: IndexSettings | None = DEFAULT_INDEX,
     ):
         super().__init__()
         self.theta = theta
@@ -180,6 +191,7 @@ class Router(nn.Module):
         self.register_buffer("_relation_b", torch.zeros(0, device=device))
         self.register_buffer("_subject_len", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("overrides", torch.zeros(0, 2, dtype=torch.long, device=device))  # (K, 2) newer, older
+        self.index = NeuronIndex(h_subject, index)
 
     def __len__(self) -> int:
         return self._n
@@ -189,7 +201,7 @@ class Router(nn.Module):
         h_s, h = self.get_buffer("_subject_w").shape[1], self.get_buffer("_relation_w").shape[1]
         empty = Router(
             h_s, h, self.theta, self.pooled, self.subject_margin, self.relation_margin,
-            device=self.get_buffer("_relation_w").device,
+            device=self.get_buffer("_relation_w").device, index=self.index.settings,
         )
         empty.subject_norm, empty.relation_norm = self.subject_norm, self.relation_norm
         return empty
@@ -198,26 +210,37 @@ class Router(nn.Module):
     def capacity(self) -> int:
         return self.get_buffer("_relation_w").shape[0]
 
-    def subject_factor(self, subject: torch.Tensor, content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each edit's subject factor (B, E) and the position where it peaks (B, E)."""
-        logits = self.subject_norm(subject) @ self.subject_w.T + (self.subject_b - self.subject_margin)
+    def subject_factor(
+        self, subject: torch.Tensor, content: torch.Tensor, slots: torch.Tensor | None = None,
+        normalised: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each edit's subject factor (B, E) and the position where it peaks (B, E); with
+        ``slots`` (K,), of those edits only (B, K). ``normalised``: ``subject`` is already
+        ``subject_norm``'s output."""
+        x = subject if normalised else self.subject_norm(subject)
+        logits = x @ self._rows("subject_w", slots).T + (self._rows("subject_b", slots) - self.subject_margin)
         s = torch.sigmoid(logits)  # (B, T, E)
         return s.masked_fill(~content[..., None], 0.0).max(1)
 
-    def relation_factor(self, keys: RoutingKeys, subject_at: torch.Tensor) -> torch.Tensor:  # -> (B, E)
+    def relation_factor(
+        self, keys: RoutingKeys, subject_at: torch.Tensor, slots: torch.Tensor | None = None,
+        whitened: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # -> (B, E), or (B, K) for ``slots``
+        """``whitened``: ``relation_norm.whitened(keys.relation)`` where already computed."""
+        relation_w, relation_b = self._rows("relation_w", slots), self._rows("relation_b", slots)
         if not self.pooled:
-            logits = self.relation_norm(keys.last()) @ self.relation_w.T
-            return torch.sigmoid(logits + (self.relation_b - self.relation_margin))
+            logits = self.relation_norm(keys.last()) @ relation_w.T
+            return torch.sigmoid(logits + (relation_b - self.relation_margin))
         # normalize(sum_t keep_t y_t) . w  =  sum_t keep_t (y_t . w) / sqrt(keep' G keep), G = y y':
         # one (B, T, E) product instead of a pooled (B, E, h) key per edit.
-        y = self.relation_norm.whitened(keys.relation)  # (B, T, h)
+        y = self.relation_norm.whitened(keys.relation) if whitened is None else whitened  # (B, T, h)
         T = y.shape[1]
-        window = subject_window(subject_at.transpose(0, 1), self.subject_len[:, None], T)  # (E, B, T)
+        window = subject_window(subject_at.transpose(0, 1), self._rows("subject_len", slots)[:, None], T)  # (E, B, T)
         keep = (keys.content[None] & ~window).permute(1, 2, 0).to(y.dtype)  # (B, T, E)
-        dot = (keep * (y @ self.relation_w.T)).sum(1)  # (B, E)
+        dot = (keep * (y @ relation_w.T)).sum(1)  # (B, E)
         gram = y @ y.transpose(1, 2)  # (B, T, T)
         sq = torch.einsum("bse,bst,bte->be", keep, gram, keep)
-        return torch.sigmoid(dot / sq.clamp_min(1e-12).sqrt() + (self.relation_b - self.relation_margin))
+        return torch.sigmoid(dot / sq.clamp_min(1e-12).sqrt() + (relation_b - self.relation_margin))
 
     def activations(self, keys: RoutingKeys) -> torch.Tensor:  # -> (B, E)
         s, at = self.subject_factor(keys.subject, keys.content)
@@ -227,6 +250,8 @@ class Router(nn.Module):
         B = keys.relation.shape[0]
         if len(self) == 0:
             return Routing(keys.relation.new_full((B,), -1, dtype=torch.long), keys.relation.new_zeros(B))
+        if self.index.active(len(self)) and self.subject_w.device.type == "cpu":
+            return self._route_candidates(keys)
         a = self.activations(keys)  # (B, E)
         eligible = a > self.theta
         if len(self.overrides):
@@ -235,6 +260,51 @@ class Router(nn.Module):
             eligible &= yielded == 0
         top, slot = a.masked_fill(~eligible, -1.0).max(-1)  # (B,)
         return Routing(torch.where(top >= 0, slot, -1), torch.where(top >= 0, top, a.amax(-1)))
+
+    def _route_candidates(self, keys: RoutingKeys) -> Routing:
+        """``route`` over the edits the index finds for any row of the batch: the same rule,
+        applied to the candidates' exact activations (B, K)."""
+        B = keys.relation.shape[0]
+        content = keys.content
+        # Only the user's text is read: the other positions stay zero, as in the full product,
+        # where they are masked out.
+        x = torch.zeros(keys.subject.shape, device=keys.subject.device)
+        x[content] = self.subject_norm(keys.subject[content])  # (B, T, h_s)
+        floor = math.log(self.theta / (1 - self.theta)) + self.subject_margin
+        slots = self.index.candidates(x[content], self.subject_w, self.subject_b, floor)  # (K,)
+        if not len(slots):
+            return Routing(keys.relation.new_full((B,), -1, dtype=torch.long), keys.relation.new_zeros(B))
+        s, at = self.subject_factor(x, content, slots, normalised=True)  # (B, K)
+        # A row on which no candidate's subject factor passes theta routes nowhere, whatever
+        # it asks: its relation keys are not even whitened, and its best subject factor stands
+        # for its activation.
+        a = s.clone()
+        rows = (s > self.theta).any(1).nonzero().flatten()  # (B',)
+        if len(rows):
+            asked = RoutingKeys(keys.subject[rows], content[rows], keys.relation[rows], keys.at[rows])
+            y = None
+            if self.pooled:
+                y = torch.zeros(asked.relation.shape, device=asked.relation.device)
+                y[asked.content] = self.relation_norm.whitened(asked.relation[asked.content])  # (B', T, h)
+            a[rows] = torch.minimum(s[rows], self.relation_factor(asked, at[rows], slots, whitened=y))
+        eligible = a > self.theta
+        pairs = _pairs_among(self.overrides, slots)
+        if len(pairs):
+            newer, older = pairs.T
+            yielded = torch.zeros_like(a).index_add_(1, older, eligible[:, newer].float())  # (B, K)
+            eligible &= yielded == 0
+        top, at_k = a.masked_fill(~eligible, -1.0).max(-1)  # (B,)
+        return Routing(torch.where(top >= 0, slots[at_k], -1), torch.where(top >= 0, top, a.amax(-1)))
+
+    def index_now(self) -> None:
+        """Build or update the index now rather than at the next prompt routed through it (after
+        loading many edits at once, say)."""
+        if self.index.active(len(self)):
+            self.index.sync(self.subject_w, self.subject_b)
+
+    def _rows(self, name: str, slots: torch.Tensor | None) -> torch.Tensor:
+        rows = getattr(self, name)
+        return rows if slots is None else rows[slots]
 
     def append(self, neuron: Neuron, overrides: Sequence[int] = ()) -> None:
         """Add a neuron in the next slot; it overrides the given older slots wherever both fire."""
@@ -247,6 +317,7 @@ class Router(nn.Module):
         for name, value in zip(_Rows.NAMES, rows):
             getattr(self, f"_{name}")[slot] = value
         self._n += 1
+        self.index.append(neuron.subject, neuron.subject_bias)
 
     def pop(self, slot: int) -> None:
         n = self._n
@@ -256,6 +327,7 @@ class Router(nn.Module):
         self._n -= 1
         pairs = self.overrides[(self.overrides != slot).all(-1)]
         self.overrides = pairs - (pairs > slot).long()
+        self.index.pop(slot)
 
     def _reserve(self, capacity: int) -> None:
         for name in _Rows.NAMES:
@@ -263,6 +335,13 @@ class Router(nn.Module):
             new = old.new_zeros((capacity, *old.shape[1:]))
             new[: self._n] = old[: self._n]
             setattr(self, f"_{name}", new)
+
+
+def _pairs_among(pairs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The (newer, older) slot pairs (P, 2) with both ends in ``slots`` (K,) sorted, as
+    positions in ``slots``."""
+    at = torch.searchsorted(slots, pairs).clamp_max(len(slots) - 1)  # (P, 2)
+    return at[(slots[at] == pairs).all(-1)]
 
 
 @dataclass

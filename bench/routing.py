@@ -1,0 +1,414 @@
+"""Routing time against the number of live neurons, reading every neuron (dense) or only the
+candidates of the subject index (app/scen/router_index.py), and how often the index changes
+a routing decision.
+
+    .venv/bin/python bench/routing.py [--sizes 0,100,1000,10000,100000] [--repeats 40]
+
+The neurons and prompts come from real keys of the bundled SmolLM2 (subject layer 10,
+relation layer 6), recorded once and cached in ``SCEN_CACHE_DIR`` (default ~/.cache/scen)
+under bench-routing/:
+
+* edit neurons: ZsRE (1,000 records) and CounterFact (the first 1,700 records): the subject
+  key at the subject's last token of the edit prompt and the question key of the prompt
+  (its text less the subject), each whitened and scaled to unit length; both factors start
+  as the engine's do (20 x key, biases -8 and -5) and the subject factors are trained with
+  the engine's loss and optimiser (``neuron_loss``, Adam, 50 steps) against the pool
+  prompts' token keys and 500 other entities' keys, all at once (Adam is per coordinate,
+  so this is each neuron trained alone);
+* name neurons: every distinct entity name in the two data files (subjects and answers)
+  and app/scen/entities.txt, plus first x last name pairs of entities.txt, each read at its
+  last token inside a list of names (one prompt holds 24 names, so the cost is per name,
+  not per template); their subject factor is 20 x key plus the change training made to a
+  real edit neuron's (weights and bias, taken round-robin), their relation factor a real
+  edit neuron's;
+* near duplicates up to the largest size: a name neuron's key plus 0.35 x another recorded
+  text token's key (a cosine of about 0.94 to the name's), renormalised, with that name
+  neuron's other parts: several edits about one subject.
+
+A size N takes the first N of: the edit neurons (shuffled), the name neurons, the near
+duplicates. Probes are prompts as a user sends them (chat template, the user's text marked):
+rephrases of 300 edited records (should route), the prompts of the 300 CounterFact records
+left out of the edits (should not) and 200 CounterFact neighbourhood prompts (same relation,
+another subject: should not). Recall is the share of probes whose indexed routing (slot)
+equals the dense one. Times are of ``Router.route`` on the recorded keys of one prompt
+(batch 1) or eight, the model's forward pass excluded; dense and indexed run in this process
+one after the other, so the ratio is what to read. Results go to bench/results/routing.json
+and routing.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from app.scen.config import ScenConfig
+from app.scen.routed import KeyNorm, Neuron, Router, Routing, RoutingKeys
+from app.scen.router_index import IndexSettings
+from app.scen.training import neuron_loss
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ENTITIES = Path(__file__).resolve().parents[1] / "app" / "scen" / "entities.txt"
+OUT = Path("bench/results")
+N_EDIT_CF = 1700
+NAMES_PER_PROMPT = 24
+
+
+# ---- phase 1: real keys from the bundled model (cached) ---------------------------------------
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SCEN_CACHE_DIR") or os.path.expanduser("~/.cache/scen")
+    return Path(root) / "bench-routing"
+
+
+def corpus() -> dict:
+    zsre = json.loads((DATA / "zsre_mend_train_1k.json").read_text())
+    cf = json.loads((DATA / "counterfact_dev_2k.json").read_text())
+    edits = [(r["src"], r["subject"]) for r in zsre] + [(r["prompt"], r["subject"]) for r in cf[:N_EDIT_CF]]
+    rephrases = [(r["rephrase"], r["subject"], i) for i, r in enumerate(zsre)]
+    rephrases += [(r["rephrase_prompt"], r["subject"], len(zsre) + i) for i, r in enumerate(cf[:N_EDIT_CF])]
+    rng = random.Random(0)
+    rephrases = [p for p in rephrases if p[1].casefold() in p[0].casefold()]
+    probes = [(p, "rephrase") for p, _, _ in rng.sample(rephrases, 300)]
+    probes += [(r["prompt"], "unedited subject") for r in cf[N_EDIT_CF:]]
+    probes += [(r["locality_prompt"], "neighbourhood") for r in rng.sample(cf[:N_EDIT_CF], 200)]
+    people = [line.strip() for line in ENTITIES.read_text().splitlines() if line.strip()]
+    names = {r["subject"] for r in zsre} | {a for r in zsre for a in r["answers"]} | {r["alt"] for r in zsre}
+    names |= {r["subject"] for r in cf} | {r["target_new"] for r in cf} | {r["ground_truth"] for r in cf}
+    names |= set(people)
+    firsts = sorted({p.split()[0] for p in people if " " in p})
+    lasts = sorted({p.split()[-1] for p in people if " " in p})
+    names |= {f"{a} {b}" for a in firsts for b in lasts}
+    names = sorted(n for n in names if n and "," not in n and len(n) < 60)
+    rng.shuffle(names)
+    return {"edits": edits, "probes": probes, "names": names}
+
+
+@torch.no_grad()
+def record_keys(path: Path) -> dict:
+    """Run the bundled model up to the subject layer over the corpus; save what the bench reads."""
+    from app.models import load_model
+    from app.scen import Editor
+    from app.scen.layers import record
+    from app.scen.prompts import encode, prompt_tokens, subject_positions
+
+    lm = load_model()
+    editor = Editor(lm.model, lm.tokenizer, ScenConfig(), cache_dir=cache_dir().parent)
+    tok = lm.tokenizer
+    taps = [editor._subject_down, editor._relation_down]
+    stop = editor.layers[editor.subject_layer]
+
+    def run(prompts: list[str]):
+        for i in range(0, len(prompts), 16):
+            chunk = prompts[i : i + 16]
+            batch = encode(tok, chunk)
+            with editor.routed.bypassed():
+                _, [(s, _), (r, _)] = record(editor.model, stop, taps, batch.model_inputs())
+            for j, p in enumerate(chunk):
+                n = int(batch.attention_mask[j].sum())
+                yield p, s[j, -n:], r[j, -n:], batch.content[j, -n:]
+            print(f"  {i + len(chunk)}/{len(prompts)}", flush=True)
+
+    c = corpus()
+    out: dict = {"subject_norm": editor.routed.router.subject_norm.state_dict(),
+                 "relation_norm": editor.routed.router.relation_norm.state_dict(),
+                 "pool_subject": editor._pool.subject.clone()}
+    # Edits: the subject key at the subject's last token; the question key (text less the subject).
+    subject, question, length = [], [], []
+    for (prompt, name), (_, s, r, content) in zip(c["edits"], run([p for p, _ in c["edits"]])):
+        tokens = prompt_tokens(tok, prompt)
+        span = subject_positions(tokens, name) or [len(tokens.ids) - 1]
+        end = span[-1]
+        run_len = 1
+        while end - run_len in span:
+            run_len += 1
+        keep = content.clone()
+        keep[end - run_len + 1 : end + 1] = False
+        subject.append(s[end])
+        question.append(r[keep].mean(0) if keep.any() else r[content].mean(0))
+        length.append(run_len)
+    out |= {"edit_subject": torch.stack(subject), "edit_question": torch.stack(question),
+            "edit_len": torch.tensor(length)}
+    # Probes: every position, as routing reads them (half precision to keep the cache small).
+    out["probes"] = [{"prompt": p, "kind": kind, "subject": s.half(), "relation": r.half(), "content": ct}
+                     for (p, kind), (_, s, r, ct) in zip(c["probes"], run([p for p, _ in c["probes"]]))]
+    # Names, several to a prompt: the key at each name's last token.
+    lists, name_keys, text_keys = [], [], []
+    names = c["names"]
+    for i in range(0, len(names), NAMES_PER_PROMPT):
+        lists.append(names[i : i + NAMES_PER_PROMPT])
+    for group, (prompt, s, _, content) in zip(lists, run(["Names: " + ", ".join(g) + "." for g in lists])):
+        tokens = prompt_tokens(tok, prompt)
+        for name in group:
+            span = subject_positions(tokens, name)
+            if span:
+                name_keys.append(s[span[-1]])
+        text_keys.append(s[content][::3])
+    out["name_subject"] = torch.stack(name_keys)
+    out["text_subject"] = torch.cat(text_keys)
+    out["names"] = len(names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+# ---- phase 2: neurons ------------------------------------------------------------------------
+
+
+def train_subject_factors(pos: torch.Tensor, neg: torch.Tensor, cfg: ScenConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train_neuron`` for every row of ``pos`` (E, h) at once against the shared ``neg`` (N, h)."""
+    w = (pos * cfg.neuron_init_scale).clone().requires_grad_(True)
+    b = torch.full((len(pos),), cfg.neuron_init_bias, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=cfg.neuron_lr)
+    loss_of = torch.func.vmap(lambda ap, an: neuron_loss(ap, an, cfg))
+    with torch.enable_grad():
+        for _ in range(cfg.neuron_steps):
+            a_pos = torch.sigmoid((pos * w).sum(-1) + b)[:, None]  # (E, 1)
+            a_neg = torch.sigmoid(w @ neg.T + b[:, None])  # (E, N)
+            loss = loss_of(a_pos, a_neg).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return w.detach(), b.detach()
+
+
+def make_neurons(keys: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm: KeyNorm) -> dict:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        u_edit = s_norm(keys["edit_subject"])
+        q_edit = r_norm(keys["edit_question"])
+        u_name = s_norm(keys["name_subject"])
+        u_text = s_norm(keys["text_subject"])
+        others = u_name[torch.randperm(len(u_name), generator=g)[:500]]
+        neg = torch.cat([s_norm(keys["pool_subject"]), others])
+    start = time.perf_counter()
+    w_edit, b_edit = train_subject_factors(u_edit, neg, cfg)
+    print(f"trained {len(u_edit)} subject factors in {time.perf_counter() - start:.1f}s", flush=True)
+    delta = w_edit - cfg.neuron_init_scale * u_edit
+    E = len(u_edit)
+    order = torch.randperm(E, generator=g)
+    rows_u = [u_edit[order]]
+    kinds = ["edit"] * E
+    need = max(0, n - E)
+    names = u_name[: min(need, len(u_name))]
+    rows_u.append(names)
+    kinds += ["name"] * len(names)
+    need -= len(names)
+    if need > 0:
+        base = torch.randint(len(u_name), (need,), generator=g)
+        noise = u_text[torch.randint(len(u_text), (need,), generator=g)]
+        rows_u.append(F.normalize(u_name[base] + 0.35 * noise, dim=-1))
+        kinds += ["near duplicate"] * need
+    u = torch.cat(rows_u)[:n]
+    donor = torch.cat([order, torch.arange(n - E) % E]) if n > E else order[:n]
+    w = cfg.neuron_init_scale * u + delta[donor]
+    w[:E] = w_edit[order][: min(n, E)]
+    b = b_edit[donor]
+    return {"w": w, "b": b, "r": cfg.neuron_init_scale * q_edit[donor],
+            "rb": torch.full((n,), cfg.relation_init_bias), "len": keys["edit_len"][donor],
+            "kinds": kinds[:n], "trained_bias_mean": float(b_edit.mean()),
+            "trained_change_norm": float(delta.norm(dim=-1).mean())}
+
+
+def router_with(neurons: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm: KeyNorm,
+                index: IndexSettings | None) -> Router:
+    h_s, h = neurons["w"].shape[1], neurons["r"].shape[1]
+    router = Router(h_s, h, cfg.theta, subject_margin=cfg.subject_margin, relation_margin=cfg.relation_margin,
+                    index=index)
+    router.subject_norm, router.relation_norm = s_norm, r_norm
+    for i in range(n):
+        router.append(Neuron(neurons["w"][i], neurons["b"][i], neurons["r"][i], neurons["rb"][i],
+                             neurons["len"][i]))
+    return router
+
+
+# ---- phase 3: measure ------------------------------------------------------------------------
+
+
+def probe_batches(probes: list[dict], size: int) -> list[RoutingKeys]:
+    """Left-padded batches of ``size`` probes, as the routed layer sees them."""
+    out = []
+    for i in range(0, len(probes) - size + 1, size):
+        chunk = probes[i : i + size]
+        T = max(len(p["content"]) for p in chunk)
+        h_s, h = chunk[0]["subject"].shape[1], chunk[0]["relation"].shape[1]
+        s, r = torch.zeros(size, T, h_s), torch.zeros(size, T, h)
+        content = torch.zeros(size, T, dtype=torch.bool)
+        for j, p in enumerate(chunk):
+            t = len(p["content"])
+            s[j, T - t :], r[j, T - t :] = p["subject"].float(), p["relation"].float()
+            content[j, T - t :] = p["content"]
+        out.append(RoutingKeys(s, content, r, torch.full((size,), T - 1)))
+    return out
+
+
+class Dense:
+    """A router read the way it is below ``min_neurons``: every neuron."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    def route(self, keys: RoutingKeys) -> Routing:
+        index = self.router.index
+        on = index.settings
+        index.settings = dataclasses.replace(on, min_neurons=2**62) if on is not None else None
+        try:
+            return self.router.route(keys)
+        finally:
+            index.settings = on
+
+
+def timed(
+    router: Router | Dense, batches: list[RoutingKeys], repeats: int, budget_s: float = 1e9
+) -> tuple[list[float], list]:
+    """Times of ``route`` on each batch, ``repeats`` rounds or fewer once ``budget_s`` is spent;
+    the slots of the first round."""
+    times: list[float] = []
+    slots = []
+    for rep in range(repeats):
+        if rep and sum(times) > budget_s:
+            break
+        for keys in batches:
+            start = time.perf_counter()
+            routing = router.route(keys)
+            times.append(time.perf_counter() - start)
+            if rep == 0:
+                slots.append(routing.slots.clone())
+    return times, slots
+
+
+def quantile(xs: list[float], q: float) -> float:
+    return round(1000 * float(torch.tensor(xs).quantile(q)), 3)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0,100,1000,10000,100000")
+    parser.add_argument("--repeats", type=int, default=40, help="rounds of timing over the timed probes")
+    parser.add_argument("--timed", type=int, default=48, help="probes timed (batch 1; batch 8 uses as many)")
+    parser.add_argument("--probes", type=int, default=800, help="probes checked for recall")
+    parser.add_argument("--budget", type=float, default=10.0, help="seconds of timing per case, at least one round")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    torch.manual_seed(0)
+    cfg = ScenConfig()
+    path = cache_dir() / "keys-v1.pt"
+    keys = torch.load(path) if path.exists() else record_keys(path)
+    h_s, h = keys["edit_subject"].shape[1], keys["edit_question"].shape[1]
+    s_norm, r_norm = KeyNorm(h_s), KeyNorm(h)
+    s_norm.load_state_dict(keys["subject_norm"])
+    r_norm.load_state_dict(keys["relation_norm"])
+    neurons = make_neurons(keys, max(sizes), cfg, s_norm, r_norm)
+    probes = keys["probes"][: args.probes]
+    rng = random.Random(0)
+    timed_probes = rng.sample(probes, min(args.timed, len(probes)))
+    settings = IndexSettings()
+    rows = []
+    for n in sizes:
+        # One router (one copy of the rows), read both ways.
+        indexed = router_with(neurons, n, cfg, s_norm, r_norm, dataclasses.replace(settings, min_neurons=0))
+        dense = Dense(indexed)
+        row: dict = {"neurons": n}
+        if n:
+            start = time.perf_counter()
+            indexed.index.sync(indexed.subject_w, indexed.subject_b)
+            row["index_build_s"] = round(time.perf_counter() - start, 3)
+            row["index_mb"] = round(indexed.index.nbytes / 2**20, 1)
+            row["neuron_rows_mb"] = round(2 * n * h * 4 / 2**20, 1)
+        for B in (1, 8):
+            batches = probe_batches(timed_probes, B)
+            for name, router in (("dense", dense), ("indexed", indexed)):
+                times, _ = timed(router, batches, max(1, args.repeats // B), args.budget)
+                row[f"{name}_b{B}_p50_ms"] = quantile(times, 0.5)
+                row[f"{name}_b{B}_p95_ms"] = quantile(times, 0.95)
+            row[f"speedup_b{B}_p50"] = round(row[f"dense_b{B}_p50_ms"] / max(row[f"indexed_b{B}_p50_ms"], 1e-6), 1)
+        if n:
+            batches = probe_batches(probes, 1)
+            _, want = timed(dense, batches, 1)
+            _, got = timed(indexed, batches, 1)
+            want_t, got_t = torch.cat(want), torch.cat(got)
+            kinds = [p["kind"] for p in probes]
+            row["recall"] = round(float((want_t == got_t).float().mean()), 4)
+            row["dense_routed"] = round(float((want_t >= 0).float().mean()), 4)
+            routed = want_t >= 0
+            row["recall_of_routed"] = round(float((want_t[routed] == got_t[routed]).float().mean()), 4) \
+                if routed.any() else None
+            row["routed_by_kind"] = {
+                k: round(sum(int(w) >= 0 for w, kk in zip(want_t, kinds) if kk == k) / kinds.count(k), 3)
+                for k in sorted(set(kinds))}
+            with torch.no_grad():
+                cand = [len(indexed.index.candidates(
+                    indexed.subject_norm(b.subject[b.content]), indexed.subject_w, indexed.subject_b,
+                    _floor(cfg))) for b in batches]
+            row["candidates_mean"] = round(sum(cand) / len(cand), 1)
+            row["candidates_max"] = max(cand)
+        print(row, flush=True)
+        rows.append(row)
+    result = {
+        "what": __doc__.split("\n\n")[0].replace("\n", " "),
+        "threads": torch.get_num_threads(),
+        "index": settings.__dict__,
+        "neurons": {"how": _how(), "edit_neurons": len(keys["edit_subject"]),
+                    "name_neurons": len(keys["name_subject"]), "names_in_lists": keys["names"],
+                    "trained_subject_bias_mean": round(neurons["trained_bias_mean"], 3),
+                    "trained_change_norm_mean": round(neurons["trained_change_norm"], 3)},
+        "probes": {k: sum(p["kind"] == k for p in probes) for k in sorted({p["kind"] for p in probes})},
+        "timed_probes": len(timed_probes),
+        "content_tokens_mean": round(sum(int(p["content"].sum()) for p in timed_probes) / len(timed_probes), 1),
+        "positions_mean": round(sum(len(p["content"]) for p in timed_probes) / len(timed_probes), 1),
+        "max_rss_mb": round(rss_mb()),
+        "rows": rows,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "routing.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(rows, OUT / "routing.png")
+    print(f"wrote {OUT / 'routing.json'}")
+
+
+def _how() -> str:
+    """The docstring's account of the neurons, the probes and the measure, on one line."""
+    parts = [p for p in (__doc__ or "").split("\n\n") if p.startswith(("The neurons", "* ", "A size"))]
+    return " ".join(" ".join(p.split()) for p in parts)
+
+
+def _floor(cfg: ScenConfig) -> float:
+    return float(torch.logit(torch.tensor(cfg.theta))) + cfg.subject_margin
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [max(r["neurons"], 10) for r in rows]
+    for name, style in (("dense", "-o"), ("indexed", "-s")):
+        for B, alpha in ((1, 1.0), (8, 0.5)):
+            ax.plot(xs, [r[f"{name}_{f'b{B}'}_p50_ms"] for r in rows], style, alpha=alpha, label=f"{name}, batch {B}")
+    ax.axhline(5, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("live neurons (0 drawn at 10)")
+    ax.set_ylabel("Router.route, p50 ms per batch")
+    ax.set_title("Routing time: every neuron vs the subject index")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
