@@ -156,13 +156,7 @@ class Editor:
         """Hold the live experts within ``budget_bytes`` (None: no bound), the least recently
         used out first, and load one again with ``load(edit_id)`` when a prompt is routed to
         it. Without ``load`` every expert stays resident, whatever the budget."""
-        loader: Callable[[str], Expert] | None = None
-        if load is not None:
-            fetch, device = load, self.device
-
-            def loader(edit_id: str) -> Expert:
-                return fetch(edit_id).to(device).requires_grad_(False)
-
+        loader = None if load is None else (lambda edit_id: self._resident(load(edit_id)))
         with self._lock:
             self.expert_cache.configure(budget_bytes, loader)
 
@@ -172,7 +166,11 @@ class Editor:
         with self._lock:
             if edit_id not in self._edits:
                 raise UnknownEditError(edit_id)
-            self.expert_cache.put(edit_id, expert.to(self.device).requires_grad_(False))
+            self.expert_cache.put(edit_id, self._resident(expert))
+
+    def _resident(self, expert: Expert) -> Expert:
+        """An expert as the cache holds it: on this editor's device, frozen."""
+        return expert.to(self.device).requires_grad_(False)
 
     # ---- editing --------------------------------------------------------------------------
 
