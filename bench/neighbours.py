@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from app.live.generation import Generator, Sampling
-from app.live.prompting import Chat, Message
 from app.models import load_model
 from app.scen import Editor, ScenConfig
+from app.scen.chats import Chat, Message
 
 CASES = [
     {

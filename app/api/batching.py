@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.live.generation import Completion, Generator, Sampling
-from app.live.prompting import PromptRow
+from app.scen.chats import PromptRow
 
 log = logging.getLogger(__name__)
 

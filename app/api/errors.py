@@ -20,9 +20,9 @@ from starlette.routing import Match
 
 from app.api.auth import Forbidden, Unauthorized
 from app.db.edits import DuplicateEdit, EditConflict, EditNotFound, IdempotencyConflict, ItemRefused, RepeatedItem
-from app.live.prompting import UnsupportedChat
 from app.queue import QueueUnavailable
 from app.scen import InvalidEditError, UnknownEditError
+from app.scen.chats import UnsupportedChat
 
 log = logging.getLogger(__name__)
 

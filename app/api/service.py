@@ -22,9 +22,9 @@ from app.api.streaming import TokenStream
 from app.db.session import Database
 from app.live import ServedModel, build_served_model, open_database, open_queue
 from app.live.generation import Completion, Generator, Routed, Sampling
-from app.live.prompting import Prompt, PromptRow
 from app.models import LoadedModel
 from app.queue import EditChanged, EditQueue, QueueUnavailable, Subscription
+from app.scen.chats import Prompt, PromptRow
 from app.settings import Settings
 from workers.embedded import start_embedded_worker
 

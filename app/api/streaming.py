@@ -12,7 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from app.live.generation import Finished, Generator, Routed, Sampling, StreamEvent
-from app.live.prompting import PromptRow
+from app.scen.chats import PromptRow
 
 _END = object()
 

@@ -22,8 +22,8 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from app.live.prompting import Prompt, PromptRow, prompt_row
 from app.scen import Editor, Route
+from app.scen.chats import Prompt, PromptRow, prompt_row
 from app.scen.prompts import Batch, pack
 
 FinishReason = Literal["stop", "length"]

@@ -68,6 +68,12 @@ class ScenConfig:
     # hidden states near the prompt's, not equal to them.
     expert_noise: float = 0.0
     expert_noise_copies: int = 0
+    # Train the expert also on its prompt as the last turn of a conversation (another system
+    # message and an earlier exchange: chats.TRAINING_CONVERSATION), one more row of the same
+    # batch. Trained on the prompt alone, an expert routed correctly inside a client's chat often
+    # missed its target there: the conversation moves the edited layer's keys at the answer.
+    # Only for models with a chat template.
+    expert_in_conversation: bool = True
 
     # Stage 2, the indexing neuron (paper loss: alpha, beta, m).
     alpha: float = 0.7

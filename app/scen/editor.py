@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.scen import keycache, negatives
 from app.scen.adapters import adapter_for
+from app.scen.chats import Prompt, encode_answered, in_conversation
 from app.scen.config import ScenConfig
 from app.scen.errors import UnknownEditError
 from app.scen.expert_cache import ExpertCache, InCache
@@ -101,6 +102,7 @@ class Editor:
         self._version = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._rng = random.Random(self.config.seed)
+        self._conversation_row = self.config.expert_in_conversation and bool(getattr(tokenizer, "chat_template", None))
 
         layer_module = self.layers[self.layer]
         down = self.adapter.get_down(layer_module)
@@ -191,10 +193,13 @@ class Editor:
         """
         self.validate(prompt, target, rephrases, subject)
         rephrases = tuple(rephrases)
-        texts = [prompt, *rephrases]
+        texts: list[Prompt] = [prompt, *rephrases]
+        # The expert alone also learns the prompt inside a conversation; routing is trained on
+        # the texts the user gave (the batch's first rows).
+        expert_rows = texts + [in_conversation(prompt)] if self._conversation_row else texts
         with self._lock, torch.no_grad():
             timer = Timer()
-            batch = encode(self.tokenizer, texts, [target] * len(texts)).to(self.device)
+            batch = encode_answered(self.tokenizer, expert_rows, target).to(self.device)
             rec = self._record(batch)
             d, h = rec.out.shape[-1], rec.keys.shape[-1]
             expert = new_expert(self.config.expert, d, h, self.config.rank, self._generator).to(self.device)
@@ -202,7 +207,7 @@ class Editor:
                 self.model, self.layers, self.layer, batch, rec.out, rec.keys, expert, self.config, self._generator
             )
             metrics["expert_seconds"] = timer.seconds
-            edit_rec, subject = self._edit_recording(batch, rec, prompt, subject)
+            edit_rec, subject = self._edit_recording(batch.head(len(texts)), rec, prompt, subject)
             neuron, subject_keys, relation_keys = self._train_neuron(edit_rec, prompt, subject)
             metrics |= self._neuron_metrics(edit_rec, neuron, subject_keys, relation_keys)
             metrics["seconds"] = timer.seconds
@@ -380,8 +385,9 @@ class Editor:
     def _edit_recording(
         self, batch: Batch, rec: _Recorded, prompt: str, subject: str | None
     ) -> tuple[EditRecording, str | None]:
-        """The edit's routing keys, with its subject located (or inferred) in row 0."""
-        T = batch.input_ids.shape[1]
+        """The edit's routing keys, with its subject located (or inferred) in row 0; ``rec`` may
+        hold more rows than ``batch``, those after it are left out."""
+        R, T = batch.input_ids.shape
         tokens = prompt_tokens(self.tokenizer, prompt)
         start = T - int(batch.attention_mask[0].sum())  # row 0's left padding
         if not self.config.subject_factor:
@@ -398,7 +404,9 @@ class Editor:
             span = subject_positions(tokens, subject) or [at]
         in_span = torch.zeros(T, dtype=torch.bool, device=self.device)
         in_span[[start + i for i in span]] = True
-        return EditRecording(rec.subject, batch.content, rec.relation, batch.prompt_last, start + at, in_span), subject
+        return EditRecording(
+            rec.subject[:R], batch.content, rec.relation[:R], batch.prompt_last, start + at, in_span
+        ), subject
 
     def _train_neuron(self, rec: EditRecording, prompt: str, subject: str | None):
         """The neuron, the raw subject keys and the raw relation keys it was trained on."""

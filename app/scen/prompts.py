@@ -136,6 +136,13 @@ class Batch:
             self.prompt_last.to(device), self.content.to(device), self.targets,
         )
 
+    def head(self, n: int) -> Batch:
+        """The first ``n`` rows (their padding kept)."""
+        return Batch(
+            self.input_ids[:n], self.attention_mask[:n], self.position_ids[:n], self.prompt_last[:n],
+            self.content[:n], self.targets[:n],
+        )
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 

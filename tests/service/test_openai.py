@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from app.api.app import create_app
-from app.live.prompting import Chat, Message, prompt_row
+from app.scen.chats import Chat, Message, prompt_row
 from app.scen.prompts import prompt_tokens
 from tests.service.conftest import make_settings, wait_for
 from tests.utils.tiny_models import tiny_model, tiny_tokenizer

@@ -39,7 +39,7 @@ from app.api.service import Service
 from app.api.streaming import TokenStream
 from app.live import ServedModel
 from app.live.generation import Completion, Delta, Finished, Routed, Sampling
-from app.live.prompting import Chat, Message, Prompt
+from app.scen.chats import Chat, Message, Prompt
 
 log = logging.getLogger(__name__)
 

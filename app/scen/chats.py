@@ -12,12 +12,13 @@ one user message is exactly the prompt of ``/generate``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from app.scen.prompts import PromptTokens, prompt_tokens
+from app.scen.prompts import Batch, PromptTokens, pack, prompt_tokens, target_ids
 
 Role = Literal["system", "user", "assistant"]
 
@@ -110,3 +111,26 @@ def _append(tokenizer: PreTrainedTokenizerBase, piece: str, plain: bool, reads: 
         content += [b > a for a, b in enc.offset_mapping]
     else:
         content += [reads] * len(enc.input_ids)
+
+
+# A generic conversation in which each expert is also trained (ScenConfig.expert_in_conversation):
+# its own system message and an exchange unrelated to any fact, so that the expert carries its
+# target into whatever conversation a client asks the prompt in, not into this one alone.
+TRAINING_CONVERSATION = (
+    Message("system", "You are an assistant who answers questions accurately and concisely."),
+    Message("user", "Hello, could I ask you something?"),
+    Message("assistant", "Sure, go ahead."),
+)
+
+
+def in_conversation(prompt: str) -> Chat:
+    """``prompt`` asked as the last turn of ``TRAINING_CONVERSATION``."""
+    return Chat((*TRAINING_CONVERSATION, Message("user", prompt)))
+
+
+def encode_answered(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], target: str) -> Batch:
+    """A left-padded batch of prompts or chats, each row followed by ``target`` (+ eos)."""
+    rows = [prompt_row(tokenizer, p) for p in prompts]
+    t = target_ids(tokenizer, target)
+    return pack([r.ids + t for r in rows], [r.content + [False] * len(t) for r in rows], [t] * len(rows),
+                tokenizer.pad_token_id)
