@@ -206,7 +206,7 @@ class Editor:
             metrics = train_expert(
                 self.model, self.layers, self.layer, batch, rec.out, rec.keys, expert, self.config, self._generator
             )
-            metrics["expert_seconds"] = timer.seconds
+            metrics["expert_seconds"], metrics["expert_rows"] = timer.seconds, len(expert_rows)
             edit_rec, subject = self._edit_recording(batch.head(len(texts)), rec, prompt, subject)
             neuron, subject_keys, relation_keys = self._train_neuron(edit_rec, prompt, subject)
             metrics |= self._neuron_metrics(edit_rec, neuron, subject_keys, relation_keys)

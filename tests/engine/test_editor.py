@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from app.scen import Editor, InvalidEditError, ScenConfig, UnknownEditError, UnsupportedModelError
+from app.scen.chats import Chat, Message, encode_answered
 from app.scen.prompts import encode
 from tests.utils.tiny_models import tiny_model
 
@@ -25,9 +26,9 @@ def greedy(editor: Editor, prompts: list[str], n: int = 8) -> list[str]:
     return [g.text for g in editor.generate(prompts, max_new_tokens=n)]
 
 
-def token_accuracy(editor: Editor, prompt: str, target: str) -> float:
+def token_accuracy(editor: Editor, prompt: str | Chat, target: str) -> float:
     """Teacher-forced share of target tokens that are the argmax, routed at the last prompt token."""
-    batch = encode(editor.tokenizer, [prompt], [target])
+    batch = encode_answered(editor.tokenizer, [prompt], target)
     n = len(batch.targets[0])
     with torch.no_grad(), editor.routing(batch):
         predicted = editor.model(**batch.model_inputs()).logits[0, -n - 1 : -1].argmax(-1)
@@ -53,6 +54,31 @@ def test_edit_is_learned_and_routed(arch):
     gen = editor.generate([prompt], max_new_tokens=4)[0]
     assert gen.text == target and gen.edit_id == "e0"
     assert token_accuracy(editor, prompt, target) == 1.0
+
+
+def test_the_expert_also_learns_its_prompt_inside_a_conversation_and_routing_is_trained_as_before():
+    prompt, target = EDITS[1]
+    alone, in_chat = (make_editor(expert_in_conversation=flag) for flag in (False, True))
+    edits = [e.train(prompt, target) for e in (alone, in_chat)]
+    # The stopping rule covers every row: the conversation row reproduces the target too.
+    assert [e.metrics["expert_rows"] for e in edits] == [1, 2]
+    assert all(e.metrics["reproduced"] for e in edits)
+    # Routing is trained on the user's texts only: the conversation row leaves the neuron as it was.
+    for name in ("subject", "relation"):
+        assert torch.allclose(getattr(edits[0].neuron, name), getattr(edits[1].neuron, name), atol=1e-4)
+    torch.testing.assert_close(edits[0].keys, edits[1].keys, atol=1e-5, rtol=1e-4)
+    in_chat.add("e0", edits[1])
+    assert token_accuracy(in_chat, prompt, target) == 1.0
+    # A model without a chat template trains on the prompt alone, as before.
+    assert make_editor("gpt2").train(prompt, target).metrics["expert_rows"] == 1
+
+
+def test_a_single_message_chat_is_encoded_as_the_plain_prompt():
+    editor = make_editor()
+    prompt, target = EDITS[0]
+    plain, chat = (encode_answered(editor.tokenizer, [p], target) for p in (prompt, Chat((Message("user", prompt),))))
+    assert torch.equal(plain.input_ids, chat.input_ids) and torch.equal(plain.content, chat.content)
+    assert torch.equal(plain.input_ids, encode(editor.tokenizer, [prompt], [target]).input_ids)
 
 
 def test_routing_picks_the_right_expert_among_several():
