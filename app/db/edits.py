@@ -688,8 +688,8 @@ def stored_routing(session: Session, expert_ids: Sequence[str]) -> dict[str, byt
             else:
                 found[expert_id] = bytes(routing)
         if whole:
-            rows = session.execute(select(StoredExpert.id, StoredExpert.data).where(StoredExpert.id.in_(whole)))
-            found |= {expert_id: bytes(data) for expert_id, data in rows}
+            files = session.execute(select(StoredExpert.id, StoredExpert.data).where(StoredExpert.id.in_(whole)))
+            found |= {expert_id: bytes(data) for expert_id, data in files}
     return found
 
 

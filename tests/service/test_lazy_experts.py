@@ -15,7 +15,8 @@ from tests.utils.edit_files import damage_expert
 FACT = {"prompt": "Who is the CEO of Acme?", "target": "Jane Doe", "subject": "Acme"}
 
 
-@pytest.fixture(params=[("sqlite", "files"), ("postgres", "database"), ("sqlite", "database")])
+@pytest.fixture(params=[("sqlite", "files"), ("postgres", "database"), ("sqlite", "database")],
+                ids=["sqlite-files", "postgres-database", "sqlite-database"])
 def settings(request, tmp_path):
     db, store = request.param
     url = f"sqlite:///{tmp_path / 'scen.db'}" if db == "sqlite" else request.getfixturevalue("postgres_url")
@@ -48,8 +49,8 @@ def rewrite_entry(settings, edit: dict, change) -> None:
     try:
         with engine.begin() as conn:
             row = {"i": ref.removeprefix("db:")}
-            data = conn.execute(sa.text("SELECT data FROM stored_experts WHERE id = :i"), row).scalar_one()
-            conn.execute(sa.text("UPDATE stored_experts SET data = :d WHERE id = :i"), {**row, "d": change(bytes(data))})
+            data = bytes(conn.execute(sa.text("SELECT data FROM stored_experts WHERE id = :i"), row).scalar_one())
+            conn.execute(sa.text("UPDATE stored_experts SET data = :d WHERE id = :i"), {**row, "d": change(data)})
     finally:
         engine.dispose()
 
