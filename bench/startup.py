@@ -96,6 +96,8 @@ def grow(data_dir: Path, n: int, store: str) -> int:
     db = Database(f"sqlite:///{data_dir / 'scen.db'}")
     with db.session() as session:
         have = session.scalar(select(func.count()).select_from(Edit)) or 0
+    if have > n:
+        raise SystemExit(f"{data_dir} already holds {have} edits, more than {n}: use another --work")
     g = torch.Generator().manual_seed(have)
     start = datetime(2026, 1, 1, tzinfo=UTC)
     (data_dir / "experts").mkdir(parents=True, exist_ok=True)
