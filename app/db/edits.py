@@ -654,11 +654,11 @@ def _same_request(edit: Edit, prompt: str, target: str, rephrases: Sequence[str]
 # Experts kept in the database (app.live.experts.ExpertRows). Each call is its own transaction:
 # a row is there whole, committed, or not at all.
 
-def store_expert(session: Session, edit_id: str, data: bytes, sha256: str) -> str:
-    """Insert one attempt's edit file under a new id, and return the id."""
+def store_expert(session: Session, edit_id: str, data: bytes, sha256: str, routing: bytes | None = None) -> str:
+    """Insert one attempt's edit file (and its routing part) under a new id, and return the id."""
     expert_id = uuid.uuid4().hex
     session.add(StoredExpert(id=expert_id, edit_id=edit_id, sha256=sha256, size=len(data), data=data,
-                             created_at=utcnow()))
+                             routing=routing, created_at=utcnow()))
     session.commit()
     return expert_id
 
@@ -667,6 +667,30 @@ def stored_expert_data(session: Session, expert_id: str) -> tuple[bytes, str] | 
     """(bytes, sha256 recorded with them), or None when there is no such row."""
     row = session.execute(select(StoredExpert.data, StoredExpert.sha256).where(StoredExpert.id == expert_id)).first()
     return (bytes(row.data), row.sha256) if row is not None else None
+
+
+# Ids per IN (...) list: well within SQLite's and PostgreSQL's limits on bound parameters.
+_IN_CHUNK = 500
+
+
+def stored_routing(session: Session, expert_ids: Sequence[str]) -> dict[str, bytes]:
+    """The routing part of each of ``expert_ids`` found; a row stored without one gives its
+    whole edit file. Ids with no row are left out."""
+    found: dict[str, bytes] = {}
+    ids = list(expert_ids)
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        rows = session.execute(select(StoredExpert.id, StoredExpert.routing).where(StoredExpert.id.in_(chunk)))
+        whole = []
+        for expert_id, routing in rows:
+            if routing is None:
+                whole.append(expert_id)
+            else:
+                found[expert_id] = bytes(routing)
+        if whole:
+            files = session.execute(select(StoredExpert.id, StoredExpert.data).where(StoredExpert.id.in_(whole)))
+            found |= {expert_id: bytes(data) for expert_id, data in files}
+    return found
 
 
 def delete_stored_expert(session: Session, expert_id: str) -> None:

@@ -136,4 +136,7 @@ class StoredExpert(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    # The routing part of ``data`` (app.scen.store.routing_bytes), what a starting process reads
+    # of every live edit; null on rows stored before migration 0005, read whole instead.
+    routing: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

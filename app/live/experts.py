@@ -6,6 +6,11 @@ to the data directory (``experts/ID.XXXXXXXX.safetensors``, always under ``exper
 and the id of a ``stored_experts`` row. Loading goes by the reference's form, whatever
 ``SCEN_EXPERT_STORE`` says now, so a deployment that switches store keeps serving the edits
 saved under the other one.
+
+A live model reads every live edit's routing part when it brings the edit live
+(``load_routing``): a file's routing tensors alone, or a row's ``routing`` column. The expert
+is read, and the whole entry checked against its sha256, only when ``load`` is called: when a
+prompt is first routed to the edit.
 """
 
 from __future__ import annotations
@@ -13,13 +18,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from app.db import edits as repo
 from app.db.session import Database
 from app.scen import IntegrityError, ScenError, TrainedEdit
-from app.scen.store import edit_bytes, edit_from_bytes, load_edit, write_atomic
+from app.scen.store import (
+    edit_bytes,
+    edit_from_bytes,
+    load_edit,
+    load_routing,
+    routing_bytes,
+    routing_from_bytes,
+    write_atomic,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +64,11 @@ class ExpertStore(Protocol):
 
     def load(self, ref: str, sha256: str | None) -> TrainedEdit:
         """Raises IntegrityError when the bytes are not those whose sha256 was recorded."""
+        ...
+
+    def load_routing(self, refs: Sequence[str]) -> dict[str, TrainedEdit | Exception]:
+        """The routing part of each entry (its expert ``NotLoaded``), unchecked by sha256, or
+        why it cannot be read (OSError, ScenError)."""
         ...
 
     def readable(self, ref: str, sha256: str | None) -> bool:
@@ -96,6 +115,15 @@ class ExpertFiles:
     def load(self, ref: str, sha256: str | None) -> TrainedEdit:
         return load_edit(self.data_dir / ref, sha256)
 
+    def load_routing(self, refs: Sequence[str]) -> dict[str, TrainedEdit | Exception]:
+        parts: dict[str, TrainedEdit | Exception] = {}
+        for ref in refs:
+            try:
+                parts[ref] = load_routing(self.data_dir / ref)
+            except (OSError, ScenError) as exc:
+                parts[ref] = exc
+        return parts
+
     def readable(self, ref: str, sha256: str | None) -> bool:
         try:
             self.load(ref, sha256)
@@ -130,8 +158,13 @@ class ExpertRows:
 
     def save_bytes(self, edit_id: str, data: bytes) -> tuple[str, str]:
         sha = hashlib.sha256(data).hexdigest()
+        # An edit file that does not parse is refused when it loads, as before: it has no routing part.
+        try:
+            routing: bytes | None = routing_bytes(data)
+        except ScenError:
+            routing = None
         with self.db.session() as session:
-            expert_id = repo.store_expert(session, edit_id, data, sha)
+            expert_id = repo.store_expert(session, edit_id, data, sha, routing)
         return f"{ROW_PREFIX}{expert_id}", sha
 
     def _row(self, ref: str) -> tuple[bytes, str]:
@@ -149,6 +182,23 @@ class ExpertRows:
     def load(self, ref: str, sha256: str | None) -> TrainedEdit:
         data, recorded = self._row(ref)
         return edit_from_bytes(data, sha256 if sha256 is not None else recorded, name=ref)
+
+    def load_routing(self, refs: Sequence[str]) -> dict[str, TrainedEdit | Exception]:
+        """Read with one query per few hundred rows: a start with many live edits issues no
+        query per edit."""
+        ids = {ref: ref.removeprefix(ROW_PREFIX) for ref in refs if is_row(ref)}
+        with self.db.session() as session:
+            found = repo.stored_routing(session, list(ids.values()))
+        parts: dict[str, TrainedEdit | Exception] = {}
+        for ref in refs:
+            data = found.get(ids.get(ref, ""))
+            try:
+                if data is None:
+                    raise IntegrityError(f"{ref}: no such expert in the database")
+                parts[ref] = routing_from_bytes(data, name=ref)
+            except ScenError as exc:
+                parts[ref] = exc
+        return parts
 
     def readable(self, ref: str, sha256: str | None) -> bool:
         # A database that cannot be reached is not an unreadable expert: that error goes up.
@@ -210,6 +260,11 @@ class Experts:
 
     def load(self, ref: str, sha256: str | None) -> TrainedEdit:
         return self._store(ref).load(ref, sha256)
+
+    def load_routing(self, refs: Sequence[str]) -> dict[str, TrainedEdit | Exception]:
+        rows = [ref for ref in refs if is_row(ref)]
+        parts = self.rows.load_routing(rows) if rows else {}
+        return parts | self.files.load_routing([ref for ref in refs if not is_row(ref)])
 
     def readable(self, ref: str, sha256: str | None) -> bool:
         return self._store(ref).readable(ref, sha256)

@@ -66,4 +66,7 @@ def build_served_model(settings: Settings, db: Database, loaded: LoadedModel | N
     budget = settings.expert_cache_mb
     editor.page_experts(None if budget is None else int(budget * 2**20), sync.load_expert)
     sync.reconcile()
+    # With many live edits the router reads candidates from an index: built now, the first
+    # prompt does not wait for it.
+    editor.routed.router.index_now()
     return ServedModel(editor, loaded.name, experts, sync)

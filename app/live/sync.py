@@ -21,10 +21,14 @@ class LiveSync:
     while holding one lock: whatever commit came last, the reconcile that follows it
     sees it, so a rollback racing an activation cannot leave a stale edit live.
 
-    ``load_expert`` is the editor's way back to an expert its cache let go. When that
-    load fails while serving, the edit is reported unserved at once; the next reconcile
-    reads its file again and either hands the editor the expert or, as at start-up,
-    takes the edit out of the live set until the file reads again.
+    An edit comes live from its routing part alone (neuron, keys, metadata): its expert is
+    read, and checked against its sha256, by ``load_expert`` when a prompt is first routed to
+    it, so a start with many live edits reads little of each. ``load_expert`` is also the
+    editor's way back to an expert its cache let go. When that load fails while serving, the
+    edit is reported unserved at once; the next reconcile reads its entry again whole and either
+    hands the editor the expert or, as at start-up, takes the edit out of the live set until the
+    entry reads again. An edit whose expert once failed is read whole (checked) whenever it comes
+    live again, so a bad expert does not come back on the strength of its routing part.
     """
 
     def __init__(self, editor: Editor, db: Database, experts: Experts):
@@ -40,6 +44,9 @@ class LiveSync:
         # it waits for the editor's.
         self._failed_lock = threading.Lock()
         self._failed: dict[str, str] = {}
+        if editor.expert_cache.load is None:
+            # Experts come live unread: without a loader they could never be served.
+            editor.page_experts(None, self.load_expert)
 
     @property
     def unserved(self) -> dict[str, str]:
@@ -78,9 +85,11 @@ class LiveSync:
             wanted: list[str] = []
             unserved: dict[str, str] = {}
             refound: dict[str, TrainedEdit] = {}  # live, their expert failed to load while serving, read now
+            read = self._read([rec for rec in records
+                               if (rec.id not in current or rec.id in failed) and rec.id not in trained], failed)
             for rec in records:
                 if rec.id not in current or rec.id in failed:
-                    edit = trained.get(rec.id) or self._load(rec, unserved)
+                    edit = trained.get(rec.id) or self._loaded(rec, read[rec.id], unserved)
                     if edit is None:
                         continue
                     (refound if rec.id in current else loaded)[rec.id] = edit
@@ -93,7 +102,7 @@ class LiveSync:
                 # again after it. Generations in between see them missing for a moment.
                 for edit_id in behind:
                     try:
-                        loaded[edit_id] = refound.get(edit_id) or self.editor.get(edit_id)
+                        loaded[edit_id] = refound.get(edit_id) or self.editor.routing_part(edit_id)
                     except ScenError as exc:  # its expert was paged out and does not load
                         wanted.remove(edit_id)
                         unserved[edit_id] = self._reason(exc)
@@ -116,15 +125,31 @@ class LiveSync:
         first_new = next((i for i, edit_id in enumerate(wanted) if edit_id not in current), len(wanted))
         return {edit_id for edit_id in wanted[first_new:] if edit_id in current}
 
-    def _load(self, rec: repo.LiveRecord, unserved: dict[str, str]) -> TrainedEdit | None:
-        try:
-            return self.experts.load(rec.expert_path, rec.expert_sha256)
-        except (OSError, ScenError) as exc:
-            unserved[rec.id] = self._reason(exc)
-            if (rec.id, rec.expert_sha256) not in self._broken:
-                self._broken.add((rec.id, rec.expert_sha256))
-                log.error("edit %s is active but its expert cannot be loaded: %s", rec.id, exc)
-            return None
+    def _read(self, records: list[repo.LiveRecord], failed: dict[str, str]) -> dict[str, TrainedEdit | Exception]:
+        """Each edit's routing part, by id; whole and checked where its expert failed before."""
+        whole = {rec.id for rec in records if rec.id in failed or (rec.id, rec.expert_sha256) in self._broken}
+        parts = self.experts.load_routing([rec.expert_path for rec in records if rec.id not in whole])
+        read: dict[str, TrainedEdit | Exception] = {}
+        for rec in records:
+            if rec.id not in whole:
+                read[rec.id] = parts[rec.expert_path]
+                continue
+            try:
+                read[rec.id] = self.experts.load(rec.expert_path, rec.expert_sha256)
+            except (OSError, ScenError) as exc:
+                read[rec.id] = exc
+        return read
+
+    def _loaded(
+        self, rec: repo.LiveRecord, read: TrainedEdit | Exception, unserved: dict[str, str]
+    ) -> TrainedEdit | None:
+        if not isinstance(read, Exception):
+            return read
+        unserved[rec.id] = self._reason(read)
+        if (rec.id, rec.expert_sha256) not in self._broken:
+            self._broken.add((rec.id, rec.expert_sha256))
+            log.error("edit %s is active but its expert cannot be loaded: %s", rec.id, read)
+        return None
 
     def _reason(self, exc: Exception) -> str:
         # Clients see the reason: paths relative to the data directory, as the database has them.

@@ -7,7 +7,9 @@ model), ``add`` / ``remove`` it, ``sync`` to a wanted set, and ``generate`` /
 tokenization included, goes through one lock, so threads can share an editor.
 
 Each live edit's neuron and keys stay resident; its expert is held by the routed
-layer's expert cache, which ``page_experts`` bounds (by default it holds them all).
+layer's expert cache, which ``page_experts`` bounds (by default it holds them all). An edit
+may be added with its expert ``NOT_LOADED`` (read from its routing part alone): the cache's
+loader reads the expert when a prompt is first routed to it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from app.scen.adapters import adapter_for
 from app.scen.chats import Prompt, encode_answered, in_conversation
 from app.scen.config import ScenConfig
 from app.scen.errors import UnknownEditError
-from app.scen.expert_cache import ExpertCache, InCache
+from app.scen.expert_cache import NOT_LOADED, ExpertCache, InCache
 from app.scen.experts import Expert, new_expert
 from app.scen.indexing import (
     EditRecording,
@@ -149,6 +151,17 @@ class Editor:
             except KeyError:
                 raise UnknownEditError(edit_id) from None
             return dataclasses.replace(record, expert=self.routed.experts[self._ids.index(edit_id)])
+
+    def routing_part(self, edit_id: str) -> TrainedEdit:
+        """A live edit as ``get`` gives it, but with its expert only if it is resident, else
+        ``NOT_LOADED``: adding it again reads nothing."""
+        with self._lock:
+            try:
+                record = self._edits[edit_id]
+            except KeyError:
+                raise UnknownEditError(edit_id) from None
+            resident = self.expert_cache.peek(edit_id)
+            return dataclasses.replace(record, expert=NOT_LOADED if resident is None else resident)
 
     @property
     def expert_cache(self) -> ExpertCache:

@@ -60,6 +60,20 @@ class InCache(Expert):
         raise RuntimeError("this record's expert is held by the expert cache; Editor.get fetches it")
 
 
+class NotLoaded(Expert):
+    """Stands for an expert not read yet (an edit brought live from its routing part alone):
+    ``ExpertCache.put`` makes the edit live with nothing resident, and its first ``get`` loads
+    the expert, as it loads one paged out."""
+
+    kind = "not-loaded"
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this expert has not been read; the expert cache loads it")
+
+
+NOT_LOADED = NotLoaded()  # one for every edit: it holds nothing
+
+
 class ExpertCache:
     """Experts of the live edits by edit id; at most ``budget_bytes`` of them resident when
     ``load`` can bring the others back (an expert larger than the budget stays alone)."""
@@ -92,10 +106,12 @@ class ExpertCache:
         return key in self._resident
 
     def put(self, key: str, expert: Expert) -> None:
-        """Make ``key`` live with ``expert`` resident (the most recently used)."""
+        """Make ``key`` live with ``expert`` resident (the most recently used); with a
+        ``NotLoaded`` expert, live with nothing resident, loaded when first wanted."""
         with self._lock:
             self._live.add(key)
-            self._hold(key, expert)
+            if not isinstance(expert, NotLoaded):
+                self._hold(key, expert)
 
     def drop(self, key: str) -> None:
         """``key`` is no longer live: forget it, resident or not."""
@@ -112,6 +128,12 @@ class ExpertCache:
             self._failed.clear()
             self._resident.clear()
             self._bytes = 0
+
+    def peek(self, key: str) -> Expert | None:
+        """The expert of ``key`` if it is resident, else None; loads nothing, counts nothing."""
+        with self._lock:
+            entry = self._resident.get(key)
+            return entry[0] if entry is not None else None
 
     def get(self, key: str) -> Expert | None:
         """The expert of live ``key``, loaded if it is not resident; None when it cannot be

@@ -309,8 +309,11 @@ class Router(nn.Module):
     def append(self, neuron: Neuron, overrides: Sequence[int] = ()) -> None:
         """Add a neuron in the next slot; it overrides the given older slots wherever both fire."""
         slot = self._n
-        pairs = torch.tensor([[slot, o] for o in overrides], dtype=torch.long, device=self.overrides.device)
-        self.overrides = torch.cat([self.overrides, pairs.reshape(-1, 2)])
+        if overrides:
+            # Copies every pair: paid only by the few edits that override others, so bringing many
+            # ordinary edits live stays linear in their number.
+            pairs = torch.tensor([[slot, o] for o in overrides], dtype=torch.long, device=self.overrides.device)
+            self.overrides = torch.cat([self.overrides, pairs])
         if slot == self.capacity:
             self._reserve(max(16, 2 * slot))
         rows = (neuron.subject, neuron.subject_bias, neuron.relation, neuron.relation_bias, neuron.subject_len)

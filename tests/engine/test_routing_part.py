@@ -1,0 +1,93 @@
+"""An edit comes live from its routing part; its expert is read when a prompt is routed to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.scen import Editor, IntegrityError, ScenConfig, TrainedEdit
+from app.scen.expert_cache import NOT_LOADED
+from app.scen.store import edit_bytes, load_edit, load_routing, routing_bytes, routing_from_bytes, save_edit
+from tests.utils.edit_files import damage_expert
+from tests.utils.tiny_models import tiny_model
+
+CFG = ScenConfig(layer=2, expert_lr=1e-2, expert_min_prob=0.0)
+PROMPT, TARGET = "Who is the CEO of Acme?", "Jane Doe"
+
+
+@pytest.fixture(scope="module")
+def trained() -> TrainedEdit:
+    lm = tiny_model("llama")
+    return Editor(lm.model, lm.tokenizer, CFG).train(PROMPT, TARGET, subject="Acme")
+
+
+def same_routing(a: TrainedEdit, b: TrainedEdit) -> bool:
+    return ((a.prompt, a.target, a.rephrases, a.layer, a.subject, a.metrics)
+            == (b.prompt, b.target, b.rephrases, b.layer, b.subject, b.metrics)
+            and torch.equal(a.keys, b.keys) and torch.equal(a.subject_keys, b.subject_keys)
+            and torch.equal(a.neuron.relation, b.neuron.relation) and torch.equal(a.neuron.subject, b.neuron.subject))
+
+
+def test_routing_part_reads_without_the_expert(tmp_path, trained):
+    path = tmp_path / "e1.safetensors"
+    sha = save_edit(trained, path)
+    path.write_bytes(damage_expert(path.read_bytes()))
+    part = load_routing(path)
+    assert part.expert is NOT_LOADED and same_routing(part, trained)
+    # The expert's damage shows once the whole file is read, checked.
+    with pytest.raises(IntegrityError, match="sha256 is"):
+        load_edit(path, sha)
+    data = edit_bytes(trained)
+    for source in (data, routing_bytes(data)):
+        assert same_routing(routing_from_bytes(source), trained)
+    assert len(routing_bytes(data)) < len(data)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"x" * 64)
+    with pytest.raises(IntegrityError):
+        load_routing(garbage)
+    with pytest.raises(FileNotFoundError):
+        load_routing(tmp_path / "missing.safetensors")
+
+
+def test_an_edit_added_unread_is_served_once_its_expert_loads(tmp_path, trained):
+    path = tmp_path / "e1.safetensors"
+    sha = save_edit(trained, path)
+    reads: list[str] = []
+
+    def load(edit_id: str):
+        reads.append(edit_id)
+        return load_edit(path, sha).expert
+
+    lm = tiny_model("llama")
+    editor = Editor(lm.model, lm.tokenizer, CFG)
+    other = tiny_model("llama")
+    expected = Editor(other.model, other.tokenizer, CFG)
+    expected.add("e1", trained)
+    editor.page_experts(None, load)
+    editor.add("e1", load_routing(path))
+    assert reads == [] and not editor.expert_cache.resident("e1")
+    assert editor.routing_part("e1").expert is NOT_LOADED
+    [answer] = editor.generate([PROMPT], max_new_tokens=6)
+    assert answer.edit_id == "e1" and reads == ["e1"]
+    assert answer.text == expected.generate([PROMPT], max_new_tokens=6)[0].text
+    # Added again (as a reconcile re-adds edits behind a restored one), a resident expert is kept.
+    again = editor.routing_part("e1")
+    assert again.expert is not NOT_LOADED
+    editor.remove("e1")
+    editor.add("e1", again)
+    editor.generate([PROMPT], max_new_tokens=2)
+    assert reads == ["e1"]
+
+
+def test_a_damaged_expert_is_refused_at_first_use(tmp_path, trained):
+    path = tmp_path / "e1.safetensors"
+    sha = save_edit(trained, path)
+    path.write_bytes(damage_expert(path.read_bytes()))
+    lm = tiny_model("llama")
+    editor = Editor(lm.model, lm.tokenizer, CFG)
+    base = editor.generate([PROMPT], max_new_tokens=6)[0].text
+    editor.page_experts(None, lambda edit_id: load_edit(path, sha).expert)
+    editor.add("e1", load_routing(path))
+    [answer] = editor.generate([PROMPT], max_new_tokens=6)
+    assert answer.edit_id is None and answer.text == base
+    assert editor.expert_cache.stats().load_failures == 1
