@@ -6,7 +6,8 @@ free port with a fresh data directory, then measures
 - ``/generate`` latency (p50, p95) of ``--clients`` concurrent clients, idle, and while a batch of
   edits trains (only requests that began and ended while some edit was training count);
 - edit training seconds (the engine's own ``metrics.seconds``) of edits posted one at a time,
-  polled once a second, and polled as fast as ``--pollers`` clients can.
+  polled once a second, and polled every ``--poll-interval`` seconds (10 ms, as
+  ``bench/service_latency.py`` polls).
 
 and writes one JSON report with the ratios, and a plot next to it.
 
@@ -192,33 +193,18 @@ def _merge(windows: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return merged
 
 
-def measure_polling(client: httpx.Client, edits: Edits, n: int, pollers: int) -> dict:
-    def train(fast: bool) -> float:
+def measure_polling(client: httpx.Client, edits: Edits, n: int, fast_interval: float) -> dict:
+    def train(interval: float) -> float:
         edit_id = client.post("/edits", json=edits.next()).json()["id"]
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.is_set():
-                client.get(f"/edits/{edit_id}")
-
-        threads = [threading.Thread(target=poll) for _ in range(pollers if fast else 0)]
-        for t in threads:
-            t.start()
-        try:
-            edit = wait_done(client, edit_id, interval=0.0 if fast else 1.0)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        return float(edit["metrics"]["seconds"])
+        return float(wait_done(client, edit_id, interval=interval)["metrics"]["seconds"])
 
     slow, fast = [], []
     for _ in range(n):  # interleaved, so a drift of the machine's load hits both alike
-        slow.append(train(fast=False))
-        fast.append(train(fast=True))
+        slow.append(train(1.0))
+        fast.append(train(fast_interval))
     slow_s, fast_s = summary(slow), summary(fast)
-    return {"edits_each": n, "pollers": pollers, "polled_each_second_s": slow_s, "polled_fast_s": fast_s,
-            "p50_ratio": fast_s["p50"] / slow_s["p50"]}
+    return {"edits_each": n, "fast_interval_s": fast_interval, "polled_each_second_s": slow_s,
+            "polled_fast_s": fast_s, "p50_ratio": fast_s["p50"] / slow_s["p50"]}
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
@@ -236,7 +222,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
                 "model": client.get("/ready").json()["model"],
                 "generate": measure_generate(client, edits, args.clients, args.max_new_tokens, args.rounds,
                                              args.train),
-                "polling": measure_polling(client, edits, args.poll_edits, args.pollers),
+                "polling": measure_polling(client, edits, args.poll_edits, args.poll_interval),
             }
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -269,15 +255,18 @@ def plot(report: dict, path: Path) -> None:
     left.set_xticks(list(x), modes)
     left.set_ylabel("/generate latency (s)")
     left.set_title(f"{report['modes'][0]['generate']['clients']} concurrent clients")
-    left.legend(fontsize=8)
+    left.margins(y=0.3)
+    left.legend(fontsize=8, ncol=2, loc="upper left")
+    fast_ms = report["modes"][0]["polling"]["fast_interval_s"] * 1000
     for k, (key, label) in enumerate([("polled_each_second_s", "polled each second"),
-                                      ("polled_fast_s", "polled fast")]):
+                                      ("polled_fast_s", f"polled every {fast_ms:.0f} ms")]):
         values = [r["polling"][key]["p50"] for r in report["modes"]]
         right.bar([i + (k - 0.5) * 0.35 for i in x], values, 0.35, label=label)
     right.set_xticks(list(x), modes)
     right.set_ylabel("edit training seconds (p50)")
     right.set_title("status polling during training")
-    right.legend(fontsize=8)
+    right.margins(y=0.3)
+    right.legend(fontsize=8, ncol=2, loc="upper left")
     fig.suptitle(f"Embedded worker: thread vs process ({report['model']}, {report['machine']['cpus']} CPUs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -292,7 +281,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=6, help="edits trained under /generate load")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--poll-edits", type=int, default=3, help="edits trained each way for the polling test")
-    parser.add_argument("--pollers", type=int, default=4, help="clients polling the edit's status as fast as they can")
+    parser.add_argument("--poll-interval", type=float, default=0.01,
+                        help="fast polling: seconds between a client's status requests (bench/service_latency.py's)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving_while_training.json"))
     args = parser.parse_args()
 
