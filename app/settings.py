@@ -142,7 +142,7 @@ class Settings(BaseSettings):
     # editor's lock, the layers a training swaps) nor shares the interpreter's lock with it;
     # it costs a second copy of the model in memory. "thread": inside the API process, sharing
     # its model (half the memory; /generate waits while an edit trains).
-    embedded_worker_mode: Literal["process", "thread"] = "process"
+    embedded_worker_mode: Literal["process", "thread"] = "thread"
     # The worker process's niceness added to the API's (0: the same priority) and its torch
     # threads (None: half the CPU cores, at least one).
     embedded_worker_nice: int = Field(default=10, ge=0, le=19)
