@@ -13,7 +13,7 @@ is trained against every earlier edit about another subject, its relation factor
 about its subject, and its checks read every live neuron. One untimed edit first.
 
 The synthetic live edits are the neurons of bench/real_neurons.py (real keys of the bundled model,
-as bench/routing.py uses them), less the edit neurons of the records trained here, each with one
+as bench/routing.py uses them), less the edit neurons built from the records trained here, each with one
 raw subject key and one raw question key, as an edit posted without rephrases keeps; their
 expert is one shared rank-1 low-rank expert (training never routes, so it is never used).
 
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from real_neurons import cache_dir, key_norms, live_edits, load_keys, make_neurons, without_edits
+from real_neurons import cache_dir, key_norms, live_edits, load_keys, make_neurons, twins
 
 import app
 import app.scen.editor as editor_module
@@ -86,6 +86,7 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
     torch.manual_seed(0)
     wall = time.perf_counter()
+    load = os.getloadavg()
     cfg = ScenConfig()
     lm = load_model()
     editor = Editor(lm.model, lm.tokenizer, cfg, cache_dir=cache_dir().parent)
@@ -112,9 +113,12 @@ def main() -> None:
                 "fires_on_prompt": len(m.get("fires_on_prompt", ())), **split}
 
     train(records[0])  # untimed: first-call allocations
-    keys = without_edits(load_keys(), list(range(len(records))))
+    keys = load_keys()
     s_norm, _ = key_norms(keys)
-    neurons = make_neurons(keys, max(sizes), cfg, *key_norms(keys)) if max(sizes) else {}
+    neurons = make_neurons(keys, max(sizes) + len(records), cfg, *key_norms(keys))
+    # The records trained here are ZsRE's first, the first rows of the corpus's edits.
+    skip = twins(neurons, range(len(records)))
+    order = [i for i in range(len(neurons["kinds"])) if i not in skip][: max(sizes)]
     d, h = editor.adapter.down_weight(editor.routed.base).shape
     shared = new_expert("lowrank", d, h, 1).requires_grad_(False)
     rows = []
@@ -122,8 +126,8 @@ def main() -> None:
         live = len(editor.edit_ids)
         start = time.perf_counter()
         if n > live:
-            added = live_edits(neurons, keys, s_norm, editor.layer, range(live, n), lambda _: shared)
-            for i, edit in zip(range(live, n), added):
+            added = live_edits(neurons, keys, s_norm, editor.layer, order[live:n], lambda _: shared)
+            for i, edit in zip(order[live:n], added):
                 editor.add(f"synthetic {i}", edit)
         add_s = time.perf_counter() - start
         per_edit = [train(r) for r in records[1:]]
@@ -138,6 +142,7 @@ def main() -> None:
         row["per_edit"] = per_edit
         print({k: v for k, v in row.items() if k != "per_edit"}, flush=True)
         rows.append(row)
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n")
     result = {
         "what": __doc__.split("\n\n")[0].replace("\n", " "),
         "how": " ".join(" ".join(p.split()) for p in __doc__.split("\n\n")[3:]),
@@ -146,7 +151,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_at_start": os.getloadavg(),
+        "load_average_at_start": load,
         "prompts": [r["src"] for r in records[1:]],
         "rows": rows,
         "wall_s": round(time.perf_counter() - wall, 1),
@@ -154,6 +159,7 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
+    out_path.with_suffix(".partial.json").unlink(missing_ok=True)
     plot(rows, out_path.with_suffix(".png"))
     print(f"wrote {out_path}")
 

@@ -8,11 +8,12 @@ The keys are recorded once (a few minutes on 2 CPU cores) and cached in ``SCEN_C
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -174,6 +175,26 @@ def train_subject_factors(pos: torch.Tensor, neg: torch.Tensor, cfg: ScenConfig)
     return w.detach(), b.detach()
 
 
+def trained_subject_factors(pos: torch.Tensor, neg: torch.Tensor, cfg: ScenConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train_subject_factors``, cached next to the keys: the same keys and settings train the
+    same factors, and training them is most of the cost of building many neurons (about 40 s on
+    2 CPU cores)."""
+    digest = hashlib.sha256()
+    for t in (pos, neg):
+        digest.update(t.contiguous().numpy().tobytes())
+    digest.update(repr(cfg).encode())
+    path = cache_dir() / f"subject-factors-{digest.hexdigest()[:16]}.pt"
+    if path.exists():
+        cached = torch.load(path)
+        return cached["w"], cached["b"]
+    start = time.perf_counter()
+    w, b = train_subject_factors(pos, neg, cfg)
+    print(f"trained {len(pos)} subject factors in {time.perf_counter() - start:.1f}s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": w, "b": b}, path)
+    return w, b
+
+
 def make_neurons(keys: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm: KeyNorm) -> dict:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -183,9 +204,7 @@ def make_neurons(keys: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm: K
         u_text = s_norm(keys["text_subject"])
         others = u_name[torch.randperm(len(u_name), generator=g)[:500]]
         neg = torch.cat([s_norm(keys["pool_subject"]), others])
-    start = time.perf_counter()
-    w_edit, b_edit = train_subject_factors(u_edit, neg, cfg)
-    print(f"trained {len(u_edit)} subject factors in {time.perf_counter() - start:.1f}s", flush=True)
+    w_edit, b_edit = trained_subject_factors(u_edit, neg, cfg)
     delta = w_edit - cfg.neuron_init_scale * u_edit
     E = len(u_edit)
     order = torch.randperm(E, generator=g)
@@ -225,25 +244,24 @@ def router_with(neurons: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm:
     return router
 
 
+def twins(neurons: dict, edits: Sequence[int]) -> set[int]:
+    """Rows of ``neurons`` that are the edit neurons of the given rows of ``corpus()["edits"]``
+    (to train those edits for real without a synthetic twin already live)."""
+    wanted = set(edits)
+    return {i for i, (kind, donor) in enumerate(zip(neurons["kinds"], neurons["donor"].tolist()))
+            if kind == "edit" and donor in wanted}
 
-def without_edits(keys: dict, rows: list[int]) -> dict:
-    """The keys less the edit neurons of the given rows of ``corpus()["edits"]`` (to train those
-    edits for real without a synthetic twin already live)."""
-    keep = torch.ones(len(keys["edit_subject"]), dtype=torch.bool)
-    keep[rows] = False
-    return keys | {name: keys[name][keep] for name in ("edit_subject", "edit_question", "edit_len")}
 
-
-def live_edits(neurons: dict, keys: dict, s_norm: KeyNorm, layer: int, rows: range,
+def live_edits(neurons: dict, keys: dict, s_norm: KeyNorm, layer: int, rows: Sequence[int],
                expert: Callable[[int], Expert]) -> list[TrainedEdit]:
     """The neurons of ``rows`` as live edits' records: each owns its neuron, one raw subject key
     and one raw question key (an edit posted without rephrases keeps one of each), and the
     expert ``expert(row)``."""
-    unit = neurons["subject_unit"][rows.start : rows.stop]
-    subject = raw_keys(unit, s_norm)
-    question = keys["edit_question"][neurons["donor"][rows.start : rows.stop]]
+    at = torch.tensor(list(rows), dtype=torch.long)
+    subject = raw_keys(neurons["subject_unit"][at], s_norm)
+    question = keys["edit_question"][neurons["donor"][at]]
     edits = []
-    for j, i in enumerate(rows):
+    for j, i in enumerate(at.tolist()):
         neuron = Neuron(neurons["w"][i].clone(), neurons["b"][i].clone(), neurons["r"][i].clone(),
                         neurons["rb"][i].clone(), neurons["len"][i].clone())
         edits.append(TrainedEdit(f"synthetic edit {i}", "", (), layer, expert(i), neuron,

@@ -34,6 +34,9 @@ order alternating between rounds:
   how many rows the real edit answered. ``trained_answer`` is the prompt answered once by the
   trained expert, at the largest size.
 
+Each case also reports ``route_ms``, the router's time per model call (routing is decided at
+prefill; decode steps keep it), and ``route_share``, its share of the call.
+
 Resident memory is the process's RSS (``/proc/self/statm``) after each size is built and timed;
 it includes the bench's own copies of the keys and neurons (``bench_held_mb``, the same at every
 size), which are dropped after the largest size (``rss_without_bench_mb``). Beside it what the
@@ -100,20 +103,44 @@ def unedited(editor: Editor):
         editor.adapter.set_down(layer, editor.routed)
 
 
+class RouteClock:
+    """Seconds the router spends deciding routes (prefill only: decode steps keep the decision)."""
+
+    def __init__(self, editor: Editor):
+        self.seconds = 0.0
+        router = editor.routed.router
+        route = router.route
+
+        def timed(keys):
+            start = time.perf_counter()
+            try:
+                return route(keys)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        # An instance attribute shadows the method: the routed layer calls ``self.router.route``.
+        router.route = timed  # type: ignore[method-assign]
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def run(gen: Generator, rows: list[PromptRow], sampling: Sampling) -> tuple[float, list[Completion]]:
     start = time.perf_counter()
     out = gen.complete(rows, sampling)
     return time.perf_counter() - start, out
 
 
-def compare(gen: Generator, rows: list[list[PromptRow]], sampling: Sampling, rounds: int) -> dict:
+def compare(gen: Generator, rows: list[list[PromptRow]], sampling: Sampling, rounds: int, clock: RouteClock) -> dict:
     """Tokens/s of the live editor and the unedited model on the same rows, round by round
     (``rows[r % len(rows)]`` in round r), the order alternating; one untimed round first."""
     editor = gen.editor
     run(gen, rows[0], sampling)
     with unedited(editor):
         run(gen, rows[0], sampling)
-    edited_tps, base_tps, ratios = [], [], []
+    clock.take()
+    edited_tps, base_tps, ratios, route_s, edited_s = [], [], [], [], []
     same, routed = True, []
     for r in range(rounds):
         batch = rows[r % len(rows)]
@@ -122,6 +149,8 @@ def compare(gen: Generator, rows: list[list[PromptRow]], sampling: Sampling, rou
             with unedited(editor) if arm == "unedited" else contextlib.nullcontext():
                 arms[arm] = run(gen, batch, sampling)
         (t_e, out_e), (t_b, out_b) = arms["edited"], arms["unedited"]
+        route_s.append(clock.take())
+        edited_s.append(t_e)
         tokens_e, tokens_b = sum(c.completion_tokens for c in out_e), sum(c.completion_tokens for c in out_b)
         edited_tps.append(tokens_e / t_e)
         base_tps.append(tokens_b / t_b)
@@ -134,6 +163,8 @@ def compare(gen: Generator, rows: list[list[PromptRow]], sampling: Sampling, rou
         "ratio": round(statistics.median(ratios), 4),
         "ratio_min": round(min(ratios), 4),
         "ratio_max": round(max(ratios), 4),
+        "route_ms": round(1000 * statistics.median(route_s), 2),
+        "route_share": round(statistics.median(r / t for r, t in zip(route_s, edited_s)), 4),
         "same_text": same,
         "routed_rows": sum(i is not None for ids in routed for i in ids),
         "real_edit_rows": sum(i == REAL for ids in routed for i in ids),
@@ -161,10 +192,12 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
     torch.manual_seed(0)
     wall = time.perf_counter()
+    load = os.getloadavg()
     cfg = ScenConfig()
     lm = load_model()
     editor = Editor(lm.model, lm.tokenizer, cfg, cache_dir=cache_dir().parent)
     gen = Generator(editor)
+    clock = RouteClock(editor)
     sampling = Sampling(max_new_tokens=args.tokens)
     d, h = editor.adapter.down_weight(editor.routed.base).shape
     zero_full = FullExpert(d, h).requires_grad_(False)
@@ -209,9 +242,9 @@ def main() -> None:
         row["index_build_s"] = round(time.perf_counter() - start, 2)
         row["index_active"] = editor.routed.router.index.active(n)
         for B in (1, 8):
-            row[f"unrouted_b{B}"] = compare(gen, unrouted[B], sampling, args.rounds)
+            row[f"unrouted_b{B}"] = compare(gen, unrouted[B], sampling, args.rounds, clock)
             if n:
-                row[f"routed_b{B}"] = compare(gen, routed[B], sampling, args.rounds)
+                row[f"routed_b{B}"] = compare(gen, routed[B], sampling, args.rounds, clock)
             print(n, B, row[f"unrouted_b{B}"], row.get(f"routed_b{B}"), flush=True)
         gc.collect()
         row["rss_mb"] = round(rss_mb())
@@ -223,6 +256,8 @@ def main() -> None:
         row |= engine_bytes(editor)
         print({k: v for k, v in row.items() if not k.startswith(("unrouted", "routed"))}, flush=True)
         rows.append(row)
+        # Each size is kept as soon as it is measured: a later one may not fit in memory or time.
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n")
     answer: dict = {}
     if max(sizes):
         editor.provide_expert(REAL, trained_expert)
@@ -241,7 +276,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_at_start": os.getloadavg(),
+        "load_average_at_start": load,
         "real_edit": {"train_s": round(real_train_s, 2), "activation": real.metrics.get("activation"),
                       "steps": real.metrics.get("steps")},
         "trained_answer": answer,
@@ -252,6 +287,7 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
+    out_path.with_suffix(".partial.json").unlink(missing_ok=True)
     plot(rows, out_path.with_suffix(".png"))
     print(f"wrote {out_path}")
 
