@@ -41,194 +41,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import resource
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from real_neurons import key_norms, load_keys, make_neurons, router_with
 
 from app.scen.config import ScenConfig
-from app.scen.routed import KeyNorm, Neuron, Router, Routing, RoutingKeys
+from app.scen.routed import Router, Routing, RoutingKeys
 from app.scen.router_index import IndexSettings
-from app.scen.training import neuron_loss
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ENTITIES = Path(__file__).resolve().parents[1] / "app" / "scen" / "entities.txt"
 OUT = Path("bench/results")
-N_EDIT_CF = 1700
-NAMES_PER_PROMPT = 24
-
-
-# ---- phase 1: real keys from the bundled model (cached) ---------------------------------------
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SCEN_CACHE_DIR") or os.path.expanduser("~/.cache/scen")
-    return Path(root) / "bench-routing"
-
-
-def corpus() -> dict:
-    zsre = json.loads((DATA / "zsre_mend_train_1k.json").read_text())
-    cf = json.loads((DATA / "counterfact_dev_2k.json").read_text())
-    edits = [(r["src"], r["subject"]) for r in zsre] + [(r["prompt"], r["subject"]) for r in cf[:N_EDIT_CF]]
-    rephrases = [(r["rephrase"], r["subject"], i) for i, r in enumerate(zsre)]
-    rephrases += [(r["rephrase_prompt"], r["subject"], len(zsre) + i) for i, r in enumerate(cf[:N_EDIT_CF])]
-    rng = random.Random(0)
-    rephrases = [p for p in rephrases if p[1].casefold() in p[0].casefold()]
-    probes = [(p, "rephrase") for p, _, _ in rng.sample(rephrases, 300)]
-    probes += [(r["prompt"], "unedited subject") for r in cf[N_EDIT_CF:]]
-    probes += [(r["locality_prompt"], "neighbourhood") for r in rng.sample(cf[:N_EDIT_CF], 200)]
-    people = [line.strip() for line in ENTITIES.read_text().splitlines() if line.strip()]
-    names = {r["subject"] for r in zsre} | {a for r in zsre for a in r["answers"]} | {r["alt"] for r in zsre}
-    names |= {r["subject"] for r in cf} | {r["target_new"] for r in cf} | {r["ground_truth"] for r in cf}
-    names |= set(people)
-    firsts = sorted({p.split()[0] for p in people if " " in p})
-    lasts = sorted({p.split()[-1] for p in people if " " in p})
-    names |= {f"{a} {b}" for a in firsts for b in lasts}
-    names = sorted(n for n in names if n and "," not in n and len(n) < 60)
-    rng.shuffle(names)
-    return {"edits": edits, "probes": probes, "names": names}
-
-
-@torch.no_grad()
-def record_keys(path: Path) -> dict:
-    """Run the bundled model up to the subject layer over the corpus; save what the bench reads."""
-    from app.models import load_model
-    from app.scen import Editor
-    from app.scen.layers import record
-    from app.scen.prompts import encode, prompt_tokens, subject_positions
-
-    lm = load_model()
-    editor = Editor(lm.model, lm.tokenizer, ScenConfig(), cache_dir=cache_dir().parent)
-    tok = lm.tokenizer
-    taps = [editor._subject_down, editor._relation_down]
-    stop = editor.layers[editor.subject_layer]
-
-    def run(prompts: list[str]):
-        for i in range(0, len(prompts), 16):
-            chunk = prompts[i : i + 16]
-            batch = encode(tok, chunk)
-            with editor.routed.bypassed():
-                _, [(s, _), (r, _)] = record(editor.model, stop, taps, batch.model_inputs())
-            for j, p in enumerate(chunk):
-                n = int(batch.attention_mask[j].sum())
-                yield p, s[j, -n:], r[j, -n:], batch.content[j, -n:]
-            print(f"  {i + len(chunk)}/{len(prompts)}", flush=True)
-
-    c = corpus()
-    out: dict = {"subject_norm": editor.routed.router.subject_norm.state_dict(),
-                 "relation_norm": editor.routed.router.relation_norm.state_dict(),
-                 "pool_subject": editor._pool.subject.clone()}
-    # Edits: the subject key at the subject's last token; the question key (text less the subject).
-    subject, question, length = [], [], []
-    for (prompt, name), (_, s, r, content) in zip(c["edits"], run([p for p, _ in c["edits"]])):
-        tokens = prompt_tokens(tok, prompt)
-        span = subject_positions(tokens, name) or [len(tokens.ids) - 1]
-        end = span[-1]
-        run_len = 1
-        while end - run_len in span:
-            run_len += 1
-        keep = content.clone()
-        keep[end - run_len + 1 : end + 1] = False
-        subject.append(s[end])
-        question.append(r[keep].mean(0) if keep.any() else r[content].mean(0))
-        length.append(run_len)
-    out |= {"edit_subject": torch.stack(subject), "edit_question": torch.stack(question),
-            "edit_len": torch.tensor(length)}
-    # Probes: every position, as routing reads them (half precision to keep the cache small).
-    out["probes"] = [{"prompt": p, "kind": kind, "subject": s.half(), "relation": r.half(), "content": ct}
-                     for (p, kind), (_, s, r, ct) in zip(c["probes"], run([p for p, _ in c["probes"]]))]
-    # Names, several to a prompt: the key at each name's last token.
-    lists, name_keys, text_keys = [], [], []
-    names = c["names"]
-    for i in range(0, len(names), NAMES_PER_PROMPT):
-        lists.append(names[i : i + NAMES_PER_PROMPT])
-    for group, (prompt, s, _, content) in zip(lists, run(["Names: " + ", ".join(g) + "." for g in lists])):
-        tokens = prompt_tokens(tok, prompt)
-        for name in group:
-            span = subject_positions(tokens, name)
-            if span:
-                name_keys.append(s[span[-1]])
-        text_keys.append(s[content][::3])
-    out["name_subject"] = torch.stack(name_keys)
-    out["text_subject"] = torch.cat(text_keys)
-    out["names"] = len(names)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
-    return out
-
-
-# ---- phase 2: neurons ------------------------------------------------------------------------
-
-
-def train_subject_factors(pos: torch.Tensor, neg: torch.Tensor, cfg: ScenConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``train_neuron`` for every row of ``pos`` (E, h) at once against the shared ``neg`` (N, h)."""
-    w = (pos * cfg.neuron_init_scale).clone().requires_grad_(True)
-    b = torch.full((len(pos),), cfg.neuron_init_bias, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=cfg.neuron_lr)
-    loss_of = torch.func.vmap(lambda ap, an: neuron_loss(ap, an, cfg))
-    with torch.enable_grad():
-        for _ in range(cfg.neuron_steps):
-            a_pos = torch.sigmoid((pos * w).sum(-1) + b)[:, None]  # (E, 1)
-            a_neg = torch.sigmoid(w @ neg.T + b[:, None])  # (E, N)
-            loss = loss_of(a_pos, a_neg).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return w.detach(), b.detach()
-
-
-def make_neurons(keys: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm: KeyNorm) -> dict:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        u_edit = s_norm(keys["edit_subject"])
-        q_edit = r_norm(keys["edit_question"])
-        u_name = s_norm(keys["name_subject"])
-        u_text = s_norm(keys["text_subject"])
-        others = u_name[torch.randperm(len(u_name), generator=g)[:500]]
-        neg = torch.cat([s_norm(keys["pool_subject"]), others])
-    start = time.perf_counter()
-    w_edit, b_edit = train_subject_factors(u_edit, neg, cfg)
-    print(f"trained {len(u_edit)} subject factors in {time.perf_counter() - start:.1f}s", flush=True)
-    delta = w_edit - cfg.neuron_init_scale * u_edit
-    E = len(u_edit)
-    order = torch.randperm(E, generator=g)
-    rows_u = [u_edit[order]]
-    kinds = ["edit"] * E
-    need = max(0, n - E)
-    names = u_name[: min(need, len(u_name))]
-    rows_u.append(names)
-    kinds += ["name"] * len(names)
-    need -= len(names)
-    if need > 0:
-        base = torch.randint(len(u_name), (need,), generator=g)
-        noise = u_text[torch.randint(len(u_text), (need,), generator=g)]
-        rows_u.append(F.normalize(u_name[base] + 0.35 * noise, dim=-1))
-        kinds += ["near duplicate"] * need
-    u = torch.cat(rows_u)[:n]
-    donor = torch.cat([order, torch.arange(n - E) % E]) if n > E else order[:n]
-    w = cfg.neuron_init_scale * u + delta[donor]
-    w[:E] = w_edit[order][: min(n, E)]
-    b = b_edit[donor]
-    return {"w": w, "b": b, "r": cfg.neuron_init_scale * q_edit[donor],
-            "rb": torch.full((n,), cfg.relation_init_bias), "len": keys["edit_len"][donor],
-            "kinds": kinds[:n], "trained_bias_mean": float(b_edit.mean()),
-            "trained_change_norm": float(delta.norm(dim=-1).mean())}
-
-
-def router_with(neurons: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm: KeyNorm,
-                index: IndexSettings | None) -> Router:
-    h_s, h = neurons["w"].shape[1], neurons["r"].shape[1]
-    router = Router(h_s, h, cfg.theta, subject_margin=cfg.subject_margin, relation_margin=cfg.relation_margin,
-                    index=index)
-    router.subject_norm, router.relation_norm = s_norm, r_norm
-    for i in range(n):
-        router.append(Neuron(neurons["w"][i], neurons["b"][i], neurons["r"][i], neurons["rb"][i],
-                             neurons["len"][i]))
-    return router
 
 
 # ---- phase 3: measure ------------------------------------------------------------------------
@@ -305,12 +130,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     torch.manual_seed(0)
     cfg = ScenConfig()
-    path = cache_dir() / "keys-v1.pt"
-    keys = torch.load(path) if path.exists() else record_keys(path)
-    h_s, h = keys["edit_subject"].shape[1], keys["edit_question"].shape[1]
-    s_norm, r_norm = KeyNorm(h_s), KeyNorm(h)
-    s_norm.load_state_dict(keys["subject_norm"])
-    r_norm.load_state_dict(keys["relation_norm"])
+    keys = load_keys()
+    h = keys["edit_question"].shape[1]
+    s_norm, r_norm = key_norms(keys)
     neurons = make_neurons(keys, max(sizes), cfg, s_norm, r_norm)
     probes = keys["probes"][: args.probes]
     rng = random.Random(0)
