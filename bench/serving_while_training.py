@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from service_latency import percentile, wait_ready  # bench/ is on the path of a script run from it
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("thread", "process")
@@ -82,25 +83,6 @@ def start_server(data_dir: Path, mode: str, model: str | None) -> tuple[subproce
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(client: httpx.Client, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if client.get("/ready").status_code == 200:
-                return time.monotonic() - start
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError("the server did not become ready")
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * p
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def summary(values: list[float]) -> dict:
