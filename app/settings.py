@@ -135,18 +135,8 @@ class Settings(BaseSettings):
     # demand. The routing neurons always stay resident. None: every expert resident.
     expert_cache_mb: float | None = Field(default=512.0, gt=0)
 
-    # Run a worker inside ``scen serve``. Default: only without Redis.
+    # Run a worker thread inside the API process sharing its model. Default: only without Redis.
     embedded_worker: bool | None = None
-    # How that worker runs. "process": a child process with a model of its own, at a lower CPU
-    # priority and with fewer torch threads, so answering never waits for a training (the
-    # editor's lock, the layers a training swaps) nor shares the interpreter's lock with it;
-    # it costs a second copy of the model in memory. "thread": inside the API process, sharing
-    # its model (half the memory; /generate waits while an edit trains).
-    embedded_worker_mode: Literal["process", "thread"] = "thread"
-    # The worker process's niceness added to the API's (0: the same priority) and its torch
-    # threads (None: half the CPU cores, at least one).
-    embedded_worker_nice: int = Field(default=10, ge=0, le=19)
-    embedded_worker_threads: int | None = Field(default=None, ge=1)
     # Apply migrations when the API starts (convenient for the embedded default).
     auto_migrate: bool = True
 
@@ -253,12 +243,6 @@ class Settings(BaseSettings):
         if self.worker_heartbeat_file is not None:
             return self.worker_heartbeat_file
         return self.data_dir / "heartbeats" / f"{socket.gethostname()}.json"
-
-    @property
-    def worker_process_threads(self) -> int:
-        if self.embedded_worker_threads is not None:
-            return self.embedded_worker_threads
-        return max(1, (os.cpu_count() or 2) // 2)
 
     @property
     def run_embedded_worker(self) -> bool:
