@@ -32,15 +32,13 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from real_neurons import cache_dir, key_norms, live_edits, load_keys, make_neurons, twins
+from real_neurons import cache_dir, key_norms, live_edits, load_keys, make_neurons, run_facts, twins, write_result
 
-import app
 import app.scen.editor as editor_module
 from app.models import load_model
 from app.scen import Editor, ScenConfig
@@ -143,25 +141,13 @@ def main() -> None:
         print({k: v for k, v in row.items() if k != "per_edit"}, flush=True)
         rows.append(row)
         Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n")
-    result = {
-        "what": __doc__.split("\n\n")[0].replace("\n", " "),
-        "how": " ".join(" ".join(p.split()) for p in __doc__.split("\n\n")[3:]),
+    result = run_facts(__doc__, load) | {
         "command": f"PYTHONPATH=. .venv/bin/python bench/edit_cost.py --sizes {args.sizes} --edits {args.edits}",
-        "package": str(Path(app.__file__).parent),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_at_start": load,
         "prompts": [r["src"] for r in records[1:]],
         "rows": rows,
         "wall_s": round(time.perf_counter() - wall, 1),
     }
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1) + "\n")
-    out_path.with_suffix(".partial.json").unlink(missing_ok=True)
-    plot(rows, out_path.with_suffix(".png"))
-    print(f"wrote {out_path}")
+    write_result(args.out, result, plot)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -267,3 +267,32 @@ def live_edits(neurons: dict, keys: dict, s_norm: KeyNorm, layer: int, rows: Seq
         edits.append(TrainedEdit(f"synthetic edit {i}", "", (), layer, expert(i), neuron,
                                  question[j : j + 1].clone(), subject[j : j + 1].clone(), None, {}))
     return edits
+
+
+def run_facts(doc: str | None, load_average: tuple[float, float, float]) -> dict:
+    """What every many-edit result records besides its rows: the script's purpose, and which code
+    ran where (the package path shows a checkout other than this one's)."""
+    import platform
+
+    import app
+
+    paragraphs = (doc or "").split("\n\n")
+    return {
+        "what": paragraphs[0].replace("\n", " "),
+        "how": " ".join(" ".join(p.split()) for p in paragraphs[3:]),
+        "package": str(Path(app.__file__).parent),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average_at_start": load_average,
+    }
+
+
+def write_result(out: str | Path, result: dict, plot: Callable[[list[dict], Path], None]) -> None:
+    """The result as JSON (replacing the partial rows kept while measuring) and its plot beside it."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    out_path.with_suffix(".partial.json").unlink(missing_ok=True)
+    plot(result["rows"], out_path.with_suffix(".png"))
+    print(f"wrote {out_path}")

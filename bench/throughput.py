@@ -51,15 +51,13 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from real_neurons import cache_dir, key_norms, live_edits, load_keys, make_neurons
+from real_neurons import cache_dir, key_norms, live_edits, load_keys, make_neurons, run_facts, write_result
 
-import app
 from app.live.generation import Completion, Generator, Sampling
 from app.models import load_model
 from app.scen import Editor, ScenConfig
@@ -267,16 +265,9 @@ def main() -> None:
         answer = {"prompts": [record["prompt"], record["rephrase_prompt"]], "target": record["target_new"],
                   "answers": [c.text for c in out], "edit_ids": [c.edit_id for c in out],
                   "unedited_answers": [c.text for c in base]}
-    result = {
-        "what": __doc__.split("\n\n")[0].replace("\n", " "),
-        "how": " ".join(" ".join(p.split()) for p in __doc__.split("\n\n")[3:]),
+    result = run_facts(__doc__, load) | {
         "command": "PYTHONPATH=. .venv/bin/python bench/throughput.py " + " ".join(
             f"--{k} {v}" for k, v in (("sizes", args.sizes), ("rounds", args.rounds), ("tokens", args.tokens))),
-        "package": str(Path(app.__file__).parent),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_at_start": load,
         "real_edit": {"train_s": round(real_train_s, 2), "activation": real.metrics.get("activation"),
                       "steps": real.metrics.get("steps")},
         "trained_answer": answer,
@@ -284,12 +275,7 @@ def main() -> None:
         "rows": rows,
         "wall_s": round(time.perf_counter() - wall, 1),
     }
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1) + "\n")
-    out_path.with_suffix(".partial.json").unlink(missing_ok=True)
-    plot(rows, out_path.with_suffix(".png"))
-    print(f"wrote {out_path}")
+    write_result(args.out, result, plot)
 
 
 def plot(rows: list[dict], path: Path) -> None:
