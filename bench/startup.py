@@ -177,8 +177,8 @@ def child(data_dir: Path, store: str, code: Path | None) -> dict:
 
 def merge(path: Path, rows: list[dict], meta: dict) -> dict:
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    fresh = {(r["label"], r["store"], r["edits"]) for r in rows}
-    kept = [r for r in old.get("runs", []) if (r["label"], r["store"], r["edits"]) not in fresh]
+    fresh = {(r["label"], r["store"], r["edits"], r["page_cache"]) for r in rows}
+    kept = [r for r in old.get("runs", []) if (r["label"], r["store"], r["edits"], r.get("page_cache", "warm")) not in fresh]
     result = {**meta, "runs": sorted(kept + rows, key=lambda r: (r["label"], r["store"], r["edits"]))}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -193,7 +193,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[tuple[str, str], list[dict]] = {}
     for run in result["runs"]:
-        series.setdefault((run["label"], run["store"]), []).append(run)
+        cold = ", cold page cache" if run.get("page_cache") == "cold" else ""
+        series.setdefault((run["label"] + cold, run["store"]), []).append(run)
     for (label, store), runs in sorted(series.items()):
         runs.sort(key=lambda r: r["edits"])
         xs = [max(r["edits"], 1) for r in runs]
@@ -216,6 +217,8 @@ def main() -> None:
     parser.add_argument("--store", choices=["files", "database"], default="files")
     parser.add_argument("--label", default="lazy experts")
     parser.add_argument("--code", type=Path, help="a checkout whose app/ to time instead of this one")
+    parser.add_argument("--cold", action="store_true",
+                        help="drop the page cache before each start (as after a reboot; needs root)")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
@@ -229,7 +232,11 @@ def main() -> None:
         t = time.perf_counter()
         added = grow(data_dir, n, args.store)
         written_s = time.perf_counter() - t
-        row = {"label": args.label, "store": args.store, "edits": n, **child(data_dir, args.store, args.code)}
+        if args.cold:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")  # root only
+        row = {"label": args.label, "store": args.store, "edits": n, "page_cache": "cold" if args.cold else "warm",
+               **child(data_dir, args.store, args.code), "command": "bench/startup.py " + " ".join(sys.argv[1:])}
         row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
         rows.append(row)
         print(json.dumps({**row, "written": added, "write_s": round(written_s, 1)}), flush=True)
@@ -237,7 +244,6 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (bundled)", "device": "cpu", "cpu_cores": os.cpu_count(),
         "expert": f"lowrank, rank {RANK}", "rephrases_per_edit": REPHRASES,
         "edit_file_bytes": len(edit_bytes(synthetic_edit(0, torch.Generator().manual_seed(0)))),
-        "command": "bench/startup.py " + " ".join(sys.argv[1:]),
     }
     result = merge(RESULTS / "startup.json", rows, meta)
     plot(result, RESULTS / "startup.png")

@@ -266,6 +266,7 @@ class Editor:
             for edit_id in removed:
                 self.remove(edit_id)
             added = [i for i in wanted if i not in self._edits]
+            self.routed.router.reserve(len(self._ids) + len(added))
             for edit_id in added:
                 self.add(edit_id, load(edit_id))
             return added, removed

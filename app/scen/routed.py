@@ -56,7 +56,8 @@ class Neuron:
     subject_len: torch.Tensor  # () long, the subject's length in tokens: left out of the question's key
 
     def to(self, device: torch.device) -> Neuron:
-        return Neuron(*(t.to(device) for t in dataclasses.astuple(self)))
+        # Not dataclasses.astuple: it deep-copies every tensor first.
+        return Neuron(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 class KeyNorm(nn.Module):
@@ -331,6 +332,11 @@ class Router(nn.Module):
         pairs = self.overrides[(self.overrides != slot).all(-1)]
         self.overrides = pairs - (pairs > slot).long()
         self.index.pop(slot)
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` neurons at once (before adding many), instead of growing by doubling."""
+        if n > self.capacity:
+            self._reserve(n)
 
     def _reserve(self, capacity: int) -> None:
         for name in _Rows.NAMES:

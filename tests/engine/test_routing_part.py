@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,12 +43,27 @@ def test_routing_part_reads_without_the_expert(tmp_path, trained):
     for source in (data, routing_bytes(data)):
         assert same_routing(routing_from_bytes(source), trained)
     assert len(routing_bytes(data)) < len(data)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(IntegrityError, match="truncated"):
+        load_routing(cut)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"x" * 64)
     with pytest.raises(IntegrityError):
         load_routing(garbage)
     with pytest.raises(FileNotFoundError):
         load_routing(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+def test_a_routing_part_holds_no_memory_map_of_its_file(tmp_path, trained):
+    # A live model keeps every edit's routing part: one map per file would run out of maps
+    # (vm.max_map_count) long before 100,000 edits.
+    path = tmp_path / "e1.safetensors"
+    save_edit(trained, path)
+    part = load_routing(path)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert same_routing(part, trained)
 
 
 def test_an_edit_added_unread_is_served_once_its_expert_loads(tmp_path, trained):
