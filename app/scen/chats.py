@@ -114,12 +114,11 @@ def _append(tokenizer: PreTrainedTokenizerBase, piece: str, plain: bool, reads: 
 
 
 # A generic conversation in which each expert is also trained (ScenConfig.expert_in_conversation):
-# its own system message and an exchange unrelated to any fact, so that the expert carries its
-# target into whatever conversation a client asks the prompt in, not into this one alone.
+# a system message of its own, so that the expert carries its target into whatever conversation a
+# client asks the prompt in, not into the bare prompt alone. An earlier exchange as well made the
+# row twice as long for no chat answered better (bench/expert_rows.py, bench/neighbours.py).
 TRAINING_CONVERSATION = (
     Message("system", "You are an assistant who answers questions accurately and concisely."),
-    Message("user", "Hello, could I ask you something?"),
-    Message("assistant", "Sure, go ahead."),
 )
 
 

@@ -44,6 +44,10 @@ class ScenConfig:
     # any subject) too close to the edit's question.
     synthetic_subjects: int = 4
     synthetic_max_cos: float = 0.8
+    # A new neuron is trained against at most this many keys of earlier edits (those nearest its
+    # own): beyond it, its cost stops growing with the live edits. Below it, every earlier key
+    # counts, as in the paper.
+    earlier_negatives: int = 4096
     # Initial bias of the relation factor (with neuron_init_scale 20 it fires from a cosine of
     # about 0.27 to the edit's question key): the trade between rephrases reached and other
     # questions about the subject caught. On 100 ZsRE edits (routing only) -8 / -6 / -5 / -4 / -3
@@ -68,11 +72,11 @@ class ScenConfig:
     # hidden states near the prompt's, not equal to them.
     expert_noise: float = 0.0
     expert_noise_copies: int = 0
-    # Train the expert also on its prompt as the last turn of a conversation (another system
-    # message and an earlier exchange: chats.TRAINING_CONVERSATION), one more row of the same
-    # batch. Trained on the prompt alone, an expert routed correctly inside a client's chat often
-    # missed its target there: the conversation moves the edited layer's keys at the answer.
-    # Only for models with a chat template.
+    # Train the expert also on its prompt as the last turn of a conversation (under another
+    # system message: chats.TRAINING_CONVERSATION), one more row of the same batch. Trained on
+    # the prompt alone, an expert routed correctly inside a client's chat often missed its target
+    # there: the conversation moves the edited layer's keys at the answer. Only for models with a
+    # chat template.
     expert_in_conversation: bool = True
 
     # Stage 2, the indexing neuron (paper loss: alpha, beta, m).

@@ -34,6 +34,7 @@ from app.scen.errors import UnknownEditError
 from app.scen.expert_cache import NOT_LOADED, ExpertCache, InCache
 from app.scen.experts import Expert, new_expert
 from app.scen.indexing import (
+    EarlierKeys,
     EditRecording,
     PoolKeys,
     asks_the_same,
@@ -101,6 +102,8 @@ class Editor:
         self._lock = threading.RLock()
         self._ids: list[str] = []  # slot -> edit id
         self._edits: dict[str, TrainedEdit] = {}  # without their experts (see ``get``)
+        # The keys of the first len(...) live edits, normalised for training (see ``_earlier_keys``).
+        self._earlier: EarlierKeys | None = None
         self._version = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._rng = random.Random(self.config.seed)
@@ -254,6 +257,8 @@ class Editor:
             self.routed.pop(slot)
             del self._ids[slot]
             del self._edits[edit_id]
+            if self._earlier is not None:
+                self._earlier = self._earlier.without(slot)
             self._version += 1
             return True
 
@@ -292,7 +297,7 @@ class Editor:
             self.adapter.set_down(self.layers[self.layer], self.routed.base)
             self.routed.detach_taps()
             self.routed.experts.clear()
-            self._ids, self._edits = [], {}
+            self._ids, self._edits, self._earlier = [], {}, None
             self._version += 1
 
     @torch.no_grad()
@@ -424,7 +429,7 @@ class Editor:
 
     def _train_neuron(self, rec: EditRecording, prompt: str, subject: str | None):
         """The neuron, the raw subject keys and the raw relation keys it was trained on."""
-        router, cfg, earlier = self.routed.router, self.config, list(self._edits.values())
+        router, cfg, earlier = self.routed.router, self.config, self._earlier_keys()
         if not cfg.subject_factor or subject is None:
             neuron, relation_keys = paper_neuron(router, rec, self._pool_normal, earlier, cfg, self._generator)
             return neuron, rec.subject[:, rec.subject_at], relation_keys
@@ -436,6 +441,17 @@ class Editor:
             router, rec, subject_keys, self._pool_normal, other_subjects, earlier, cfg, self._generator
         )
         return neuron, subject_keys, relation_keys
+
+    def _earlier_keys(self) -> EarlierKeys:
+        """The live edits' keys, normalised: kept between trainings and extended by the edits
+        added since, so that each edit's keys are normalised once."""
+        router = self.routed.router
+        if self._earlier is None:
+            self._earlier = EarlierKeys.empty(router.subject_norm.center.shape[0],
+                                              router.relation_norm.center.shape[0], self.device)
+        new = [self._edits[i] for i in self._ids[len(self._earlier):]]
+        self._earlier = self._earlier.extend(router, new)
+        return self._earlier
 
     def _neuron_metrics(
         self, rec: EditRecording, neuron: Neuron, subject_keys: torch.Tensor, relation_keys: torch.Tensor

@@ -19,6 +19,10 @@ loss, each against the neighbours it is there to reject:
 Without the subject factor (``subject_factor=False``) the relation factor alone
 reads the last token's key and is trained against the ordinary prompts and every
 earlier edit, as in the paper.
+
+Earlier edits' keys come normalised once and stacked (``EarlierKeys``), and of them at most
+``earlier_negatives``, those nearest the new edit's own key, are negatives: an edit's cost then
+stays flat however many edits are live.
 """
 
 from __future__ import annotations
@@ -62,18 +66,74 @@ class EditRecording:
     subject_span: torch.Tensor  # (T,) bool, row 0's tokens that belong to the subject
 
 
+@dataclass
+class EarlierKeys:
+    """The live edits' keys, normalised once and stacked, in live order: what a new edit's
+    neuron is trained against. Each row names its edit (``*_owner``, an index into the live
+    edits); ``first_subject`` holds each edit's own subject key (its prompt's row)."""
+
+    subject: torch.Tensor  # (M_s, h_s)
+    subject_owner: torch.Tensor  # (M_s,) long
+    first_subject: torch.Tensor  # (N, h_s)
+    relation: torch.Tensor  # (M_r, h)
+    relation_owner: torch.Tensor  # (M_r,) long
+
+    @classmethod
+    def empty(cls, h_s: int, h: int, device: torch.device | None = None) -> EarlierKeys:
+        long = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(torch.zeros(0, h_s, device=device), long, torch.zeros(0, h_s, device=device),
+                   torch.zeros(0, h, device=device), long)
+
+    def __len__(self) -> int:
+        return len(self.first_subject)
+
+    def extend(self, router: Router, edits: Sequence[TrainedEdit]) -> EarlierKeys:
+        """These keys followed by those of ``edits`` (normalised here, all in one product)."""
+        if not edits:
+            return self
+        device = self.subject.device
+        n = len(self)
+        subject = router.subject_norm(torch.cat([e.subject_keys for e in edits]).to(device))
+        relation = router.relation_norm(torch.cat([e.keys for e in edits]).to(device))
+        s_owner = _owners([len(e.subject_keys) for e in edits], n, device)
+        r_owner = _owners([len(e.keys) for e in edits], n, device)
+        first = torch.cat([s_owner.new_zeros(1), torch.tensor([len(e.subject_keys) for e in edits]).cumsum(0)[:-1]])
+        return EarlierKeys(
+            torch.cat([self.subject, subject]), torch.cat([self.subject_owner, s_owner]),
+            torch.cat([self.first_subject, subject[first.to(device)]]),
+            torch.cat([self.relation, relation]), torch.cat([self.relation_owner, r_owner]),
+        )
+
+
+    def without(self, slot: int) -> EarlierKeys:
+        """These keys less those of the edit at ``slot``; later edits move one place up."""
+        if slot >= len(self):
+            return self
+        s_keep, r_keep = self.subject_owner != slot, self.relation_owner != slot
+        s_owner, r_owner = self.subject_owner[s_keep], self.relation_owner[r_keep]
+        first = torch.cat([self.first_subject[:slot], self.first_subject[slot + 1 :]])
+        return EarlierKeys(self.subject[s_keep], s_owner - (s_owner > slot).long(), first,
+                           self.relation[r_keep], r_owner - (r_owner > slot).long())
+
+
+def _owners(rows: list[int], first: int, device: torch.device) -> torch.Tensor:
+    counts = torch.tensor(rows, device=device)
+    return torch.arange(first, first + len(rows), device=device).repeat_interleave(counts)
+
+
 def routing_keys(rec: EditRecording) -> RoutingKeys:
     return RoutingKeys(rec.subject, rec.content, rec.relation, rec.at)
 
 
 def paper_neuron(
-    router: Router, rec: EditRecording, pool: PoolKeys, earlier: Sequence[TrainedEdit], config: ScenConfig,
+    router: Router, rec: EditRecording, pool: PoolKeys, earlier: EarlierKeys, config: ScenConfig,
     generator: torch.Generator,
 ) -> tuple[Neuron, torch.Tensor]:
     """The neuron and the raw relation keys (R, h) it was trained on; ``pool``: already normalised."""
     keys = routing_keys(rec).last()
-    earlier_keys = [router.relation_norm(e.keys.to(pool.relation.device)) for e in earlier]
-    w, b = train_neuron(router.relation_norm(keys), torch.cat([pool.relation, *earlier_keys]), config, generator)
+    r_pos = router.relation_norm(keys)
+    earlier_keys = _nearest(earlier.relation, r_pos[0], config.earlier_negatives)
+    w, b = train_neuron(r_pos, torch.cat([pool.relation, earlier_keys]), config, generator)
     h_s = rec.subject.shape[-1]
     return Neuron(w.new_zeros(h_s), w.new_tensor(_ALWAYS), w, b, torch.tensor(0)), keys
 
@@ -90,7 +150,7 @@ def subject_positives(router: Router, rec: EditRecording, config: ScenConfig) ->
 
 def two_factor_neuron(
     router: Router, rec: EditRecording, subject_keys: torch.Tensor, pool: PoolKeys, other_subjects: torch.Tensor,
-    earlier: Sequence[TrainedEdit], config: ScenConfig, generator: torch.Generator,
+    earlier: EarlierKeys, config: ScenConfig, generator: torch.Generator,
 ) -> tuple[Neuron, torch.Tensor]:
     """The neuron and the raw question keys (R, h) its relation factor was trained on.
 
@@ -102,14 +162,13 @@ def two_factor_neuron(
     s_pos = s_pos[(s_pos @ s_pos[0]) >= config.same_subject_cos]
 
     own = ~rec.subject_span & rec.content[0]
-    alike = [_cos(s_norm(e.subject_keys[:1].to(s_pos)), s_pos[:1]) >= config.same_subject_cos for e in earlier]
-    same_subject = [e for e, same in zip(earlier, alike) if same]
-    others = [e for e, same in zip(earlier, alike) if not same]
+    alike = (earlier.first_subject @ s_pos[0]) >= config.same_subject_cos  # (N,) earlier edits of this subject
+    others = earlier.subject[~alike[earlier.subject_owner]]
     s_neg = torch.cat([
         pool.subject,
         s_norm(rec.subject[0][own]),
         _unlike(s_norm(other_subjects), s_pos[0], config.synthetic_max_cos),
-        *(s_norm(e.subject_keys.to(s_pos.device)) for e in others),
+        _nearest(others, s_pos[0], config.earlier_negatives),
     ])
     ws, bs = train_neuron(s_pos, s_neg, config, generator)
 
@@ -127,7 +186,7 @@ def two_factor_neuron(
         _unlike(pool.questions, r_pos[0], config.synthetic_max_cos),
         # An earlier edit of the same subject asking the same question is one this edit
         # supersedes, not a neighbour: it stays out of the negatives.
-        *(_unlike(r_norm(e.keys.to(r_pos.device)), r_pos[0], config.synthetic_max_cos) for e in same_subject),
+        _unlike(earlier.relation[alike[earlier.relation_owner]], r_pos[0], config.synthetic_max_cos),
     ])
     wr, br = train_neuron(r_pos, r_neg, config, generator, init_bias=config.relation_init_bias)
     return Neuron(ws, bs, wr, br, torch.tensor(length)), keys
@@ -141,8 +200,13 @@ def _run_length(span: torch.Tensor, end: int) -> int:
     return max(n, 1)
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.reshape(-1) @ b.reshape(-1)).item()
+def _nearest(keys: torch.Tensor, anchor: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` rows of the normalised ``keys`` nearest ``anchor``, in their order; all when fewer.
+    Far rows barely move a neuron that starts as a detector around its own key, so training on
+    the nearest alone keeps an edit's cost flat however many edits are live."""
+    if len(keys) <= k:
+        return keys
+    return keys[(keys @ anchor).topk(k).indices.sort().values]
 
 
 def _unlike(keys: torch.Tensor, anchor: torch.Tensor, max_cos: float) -> torch.Tensor:
