@@ -177,8 +177,11 @@ def child(data_dir: Path, store: str, code: Path | None) -> dict:
 
 def merge(path: Path, rows: list[dict], meta: dict) -> dict:
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    fresh = {(r["label"], r["store"], r["edits"], r["page_cache"]) for r in rows}
-    kept = [r for r in old.get("runs", []) if (r["label"], r["store"], r["edits"], r.get("page_cache", "warm")) not in fresh]
+    def key(r: dict) -> tuple:
+        return r["label"], r["store"], r["edits"], r.get("page_cache", "warm")
+
+    fresh = {key(r) for r in rows}
+    kept = [r for r in old.get("runs", []) if key(r) not in fresh]
     result = {**meta, "runs": sorted(kept + rows, key=lambda r: (r["label"], r["store"], r["edits"]))}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
