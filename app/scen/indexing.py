@@ -97,10 +97,10 @@ class EarlierKeys:
         relation = router.relation_norm(torch.cat([e.keys for e in edits]).to(device))
         s_owner = _owners([len(e.subject_keys) for e in edits], n, device)
         r_owner = _owners([len(e.keys) for e in edits], n, device)
-        first = torch.cat([s_owner.new_zeros(1), torch.tensor([len(e.subject_keys) for e in edits]).cumsum(0)[:-1]])
+        starts = torch.tensor([0] + [len(e.subject_keys) for e in edits[:-1]]).cumsum(0).to(device)
         return EarlierKeys(
             torch.cat([self.subject, subject]), torch.cat([self.subject_owner, s_owner]),
-            torch.cat([self.first_subject, subject[first.to(device)]]),
+            torch.cat([self.first_subject, subject[starts]]),
             torch.cat([self.relation, relation]), torch.cat([self.relation_owner, r_owner]),
         )
 
