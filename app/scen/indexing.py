@@ -70,22 +70,26 @@ class EditRecording:
 class EarlierKeys:
     """The live edits' keys, normalised once and stacked, in live order: what a new edit's
     neuron is trained against. Each row names its edit (``*_owner``, an index into the live
-    edits); ``first_subject`` holds each edit's own subject key (its prompt's row)."""
+    edits); an edit's first subject row is its prompt's, its own subject key."""
 
     subject: torch.Tensor  # (M_s, h_s)
     subject_owner: torch.Tensor  # (M_s,) long
-    first_subject: torch.Tensor  # (N, h_s)
     relation: torch.Tensor  # (M_r, h)
     relation_owner: torch.Tensor  # (M_r,) long
 
     @classmethod
     def empty(cls, h_s: int, h: int, device: torch.device | None = None) -> EarlierKeys:
         long = torch.zeros(0, dtype=torch.long, device=device)
-        return cls(torch.zeros(0, h_s, device=device), long, torch.zeros(0, h_s, device=device),
-                   torch.zeros(0, h, device=device), long)
+        return cls(torch.zeros(0, h_s, device=device), long, torch.zeros(0, h, device=device), long)
 
     def __len__(self) -> int:
-        return len(self.first_subject)
+        return int(self.subject_owner[-1]) + 1 if len(self.subject_owner) else 0
+
+    def first_subject_rows(self) -> torch.Tensor:
+        """(M_s,) bool: the rows that are an edit's own subject key, one per edit in live order."""
+        first = torch.ones_like(self.subject_owner, dtype=torch.bool)
+        first[1:] = self.subject_owner[1:] != self.subject_owner[:-1]
+        return first
 
     def extend(self, router: Router, edits: Sequence[TrainedEdit]) -> EarlierKeys:
         """These keys followed by those of ``edits`` (normalised here, all in one product)."""
@@ -97,13 +101,10 @@ class EarlierKeys:
         relation = router.relation_norm(torch.cat([e.keys for e in edits]).to(device))
         s_owner = _owners([len(e.subject_keys) for e in edits], n, device)
         r_owner = _owners([len(e.keys) for e in edits], n, device)
-        starts = torch.tensor([0] + [len(e.subject_keys) for e in edits[:-1]]).cumsum(0).to(device)
         return EarlierKeys(
             torch.cat([self.subject, subject]), torch.cat([self.subject_owner, s_owner]),
-            torch.cat([self.first_subject, subject[starts]]),
             torch.cat([self.relation, relation]), torch.cat([self.relation_owner, r_owner]),
         )
-
 
     def without(self, slot: int) -> EarlierKeys:
         """These keys less those of the edit at ``slot``; later edits move one place up."""
@@ -111,8 +112,7 @@ class EarlierKeys:
             return self
         s_keep, r_keep = self.subject_owner != slot, self.relation_owner != slot
         s_owner, r_owner = self.subject_owner[s_keep], self.relation_owner[r_keep]
-        first = torch.cat([self.first_subject[:slot], self.first_subject[slot + 1 :]])
-        return EarlierKeys(self.subject[s_keep], s_owner - (s_owner > slot).long(), first,
+        return EarlierKeys(self.subject[s_keep], s_owner - (s_owner > slot).long(),
                            self.relation[r_keep], r_owner - (r_owner > slot).long())
 
 
@@ -162,7 +162,8 @@ def two_factor_neuron(
     s_pos = s_pos[(s_pos @ s_pos[0]) >= config.same_subject_cos]
 
     own = ~rec.subject_span & rec.content[0]
-    alike = (earlier.first_subject @ s_pos[0]) >= config.same_subject_cos  # (N,) earlier edits of this subject
+    # (N,) earlier edits of this subject, by their own subject key
+    alike = (earlier.subject @ s_pos[0])[earlier.first_subject_rows()] >= config.same_subject_cos
     others = earlier.subject[~alike[earlier.subject_owner]]
     s_neg = torch.cat([
         pool.subject,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -151,10 +152,9 @@ def _read_routing_tensors(f: BinaryIO) -> tuple[dict[str, str], dict[str, torch.
 
 def _tensor(data: bytearray, info: dict) -> torch.Tensor:
     dtype, shape = _DTYPES[info["dtype"]], info["shape"]
-    empty = torch.empty(shape, dtype=dtype)
-    if len(data) != empty.numel() * empty.element_size():
+    if len(data) != math.prod(shape) * dtype.itemsize:
         raise ValueError(f"{len(data)} bytes for a tensor of shape {shape}")
-    return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else empty
+    return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
 
 
 def routing_bytes(data: bytes) -> bytes:
