@@ -135,8 +135,19 @@ class Settings(BaseSettings):
     # demand. The routing neurons always stay resident. None: every expert resident.
     expert_cache_mb: float | None = Field(default=512.0, gt=0)
 
-    # Run a worker thread inside the API process sharing its model. Default: only without Redis.
+    # Run a worker inside ``scen serve``. Default: only without Redis.
     embedded_worker: bool | None = None
+    # How that worker runs. "process": a child process with a model of its own, at a lower CPU
+    # priority and with fewer torch threads, so answering never waits for a training (the
+    # editor's lock, the layers a training swaps) nor shares the interpreter's lock with it;
+    # it costs a second copy of the model in memory. "thread": inside the API process, sharing
+    # its model (half the memory; /generate waits while an edit trains).
+    embedded_worker_mode: Literal["process", "thread"] = "process"
+    # The worker process's CPU priority ("idle": only CPU time the API leaves, so answers do not
+    # slow while edits train, but under constant full load training waits; "low": niceness 10;
+    # "normal": the API's) and its torch threads (None: half the CPU cores, at least one).
+    embedded_worker_priority: Literal["idle", "low", "normal"] = "idle"
+    embedded_worker_threads: int | None = Field(default=None, ge=1)
     # Apply migrations when the API starts (convenient for the embedded default).
     auto_migrate: bool = True
 
@@ -243,6 +254,12 @@ class Settings(BaseSettings):
         if self.worker_heartbeat_file is not None:
             return self.worker_heartbeat_file
         return self.data_dir / "heartbeats" / f"{socket.gethostname()}.json"
+
+    @property
+    def worker_process_threads(self) -> int:
+        if self.embedded_worker_threads is not None:
+            return self.embedded_worker_threads
+        return max(1, (os.cpu_count() or 2) // 2)
 
     @property
     def run_embedded_worker(self) -> bool:

@@ -119,17 +119,7 @@ class EditWorker:
         """
         if not self.queue.claim_sweep(self.name, int(self.requeue_after_s * 1000)):
             return []
-        age = self.requeue_after_s if min_age_s is None else min_age_s
-        with self.db.session() as session:
-            waiting = repo.waiting_since(session, utcnow() - timedelta(seconds=age))
-        if not waiting:
-            return []
-        queued = self.queue.queued_edit_ids()
-        lost = [edit_id for edit_id in waiting if edit_id not in queued]
-        for edit_id in lost:
-            self.queue.enqueue(edit_id)
-            log.warning("edit %s was waiting with no message in the queue; sent again", edit_id)
-        return lost
+        return send_lost_edits(self.db, self.queue, self.requeue_after_s if min_age_s is None else min_age_s)
 
     def handle(self, delivery: Delivery) -> None:
         # Every log line about this edit carries its id and the id of the request that queued it.
@@ -275,6 +265,20 @@ class EditWorker:
         return f"{reason}; last error: {last}" if last else reason
 
 
+def send_lost_edits(db: Database, queue: EditQueue, min_age_s: float) -> list[str]:
+    """Send again every edit that has waited ``min_age_s`` with no message in ``queue``."""
+    with db.session() as session:
+        waiting = repo.waiting_since(session, utcnow() - timedelta(seconds=min_age_s))
+    if not waiting:
+        return []
+    queued = queue.queued_edit_ids()
+    lost = [edit_id for edit_id in waiting if edit_id not in queued]
+    for edit_id in lost:
+        queue.enqueue(edit_id)
+        log.warning("edit %s was waiting with no message in the queue; sent again", edit_id)
+    return lost
+
+
 def _activated_with(session: Session, edit_id: str, path: str) -> bool:
     try:
         edit = repo.get_edit(session, edit_id)
@@ -312,16 +316,20 @@ def build_worker(
     block_ms: int = 1000,
     after_save: Callable[[str], None] | None = None,
     registry: CollectorRegistry | None = None,
+    metrics: WorkerMetrics | None = None,
     heartbeat: bool = False,
 ) -> EditWorker:
-    """The one place a worker takes its limits from settings. ``registry``: where its metrics go;
-    ``heartbeat``: keep ``settings.heartbeat_path`` fresh for ``scen worker --check``."""
+    """The one place a worker takes its limits from settings. ``registry``: where its metrics go
+    (or ``metrics``, metrics kept elsewhere); ``heartbeat``: keep ``settings.heartbeat_path`` fresh
+    for ``scen worker --check``."""
     name = name or worker_name()
+    if metrics is None and registry is not None:
+        metrics = WorkerMetrics.of(registry)
     return EditWorker(
         served, db, queue, max_deliveries=settings.max_deliveries, claim_idle_ms=settings.claim_idle_ms,
         requeue_after_s=settings.requeue_after_s, db_retry_s=settings.db_retry_seconds, name=name,
         block_ms=block_ms, after_save=after_save,
-        metrics=WorkerMetrics.of(registry) if registry is not None else None,
+        metrics=metrics,
         heartbeat=Heartbeat(settings.heartbeat_path, name) if heartbeat else None,
     )
 

@@ -20,13 +20,13 @@ from app.api.metrics import Metrics
 from app.api.services.limits import EditLimits
 from app.api.streaming import TokenStream
 from app.db.session import Database
-from app.live import ServedModel, build_served_model, open_database, open_queue
+from app.live import ServedModel, build_served_model, load_configured_model, open_database, open_queue
 from app.live.generation import Completion, Generator, Routed, Sampling
 from app.models import LoadedModel
 from app.queue import EditChanged, EditQueue, QueueUnavailable, Subscription
 from app.scen.chats import Prompt, PromptRow
 from app.settings import Settings
-from workers.embedded import start_embedded_worker
+from workers.embedded import start_embedded_worker, start_worker_process
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,15 @@ class Service:
 
     async def _go_live(self, loaded_model: LoadedModel | None) -> None:
         try:
-            served = await asyncio.to_thread(build_served_model, self.settings, self.db, loaded_model)
+            loaded = loaded_model or await asyncio.to_thread(load_configured_model, self.settings)
+            if self._worker_mode == "process":
+                # Before the model is served, so no edit can be posted while the worker starts; and
+                # before this process's editor changes the model the child may be handed a copy of.
+                # The child loads a configured model itself, once it is converted here.
+                self._threads.append(await asyncio.to_thread(
+                    start_worker_process, self.settings, self.db, self.queue, self.metrics.registry,
+                    loaded_model))
+            served = await asyncio.to_thread(build_served_model, self.settings, self.db, loaded)
         except Exception as exc:
             log.exception("the model could not be loaded")
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -88,7 +96,7 @@ class Service:
         self.batcher = GenerateBatcher(self.generator, self.settings.batch_window_ms, self.settings.max_batch,
                                        on_batch=self.metrics.observe_batch)
         self.batcher.start()
-        if self.settings.run_embedded_worker:
+        if self._worker_mode == "thread":
             # Before the model is served, so no edit can be posted while the worker starts.
             worker = await asyncio.to_thread(start_embedded_worker, self.settings, served, self.db, self.queue,
                                              self.metrics.registry)
@@ -99,6 +107,11 @@ class Service:
         self._threads.append((follower, self._stop))
         log.info("model %s live with %d edits (version %d)", served.model_name, len(served.editor.edit_ids),
                  served.editor.version)
+
+    @property
+    def _worker_mode(self) -> str | None:
+        """Where this process's embedded worker runs: "process", "thread", or None (no worker)."""
+        return self.settings.embedded_worker_mode if self.settings.run_embedded_worker else None
 
     def _follow(self, served: ServedModel) -> None:
         """Apply events from other processes, and reconcile with the database periodically."""

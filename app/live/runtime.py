@@ -54,11 +54,15 @@ class ServedModel:
     sync: LiveSync
 
 
+def load_configured_model(settings: Settings) -> LoadedModel:
+    log.info("loading model %s", settings.model or "(bundled default)")
+    return load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
+
+
 def build_served_model(settings: Settings, db: Database, loaded: LoadedModel | None = None) -> ServedModel:
     """Load ``settings.model`` (unless ``loaded`` is given) and bring every active edit live."""
     if loaded is None:
-        log.info("loading model %s", settings.model or "(bundled default)")
-        loaded = load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
+        loaded = load_configured_model(settings)
     editor = Editor(loaded.model, loaded.tokenizer, settings.engine_config,
                     cache_dir=settings.cache_dir / "pool-keys")
     experts = open_experts(settings, db)

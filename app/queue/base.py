@@ -82,5 +82,11 @@ class EditQueue(abc.ABC):
         should look for edits the database holds but the queue lost."""
         return True
 
+    def release(self, consumer: str) -> int:
+        """``consumer`` is gone for good (its process died): its messages may be taken again at
+        once, each delivery counted. Returns how many. Queues that reclaim idle messages by
+        themselves (Redis) leave them to that and return 0."""
+        return 0
+
     def close(self) -> None:  # noqa: B027  (optional: only queues holding connections override it)
         pass

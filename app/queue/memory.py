@@ -94,6 +94,17 @@ class MemoryQueue(EditQueue):
         with self._cond:
             self._pending.pop(delivery.message_id, None)
 
+    def release(self, consumer: str) -> int:
+        with self._cond:
+            released = 0
+            for p in self._pending.values():
+                if p.consumer == consumer:
+                    p.since = float("-inf")
+                    released += 1
+            if released:
+                self._cond.notify_all()
+            return released
+
     def publish(self, event: dict[str, Any]) -> None:
         with self._cond:
             subscribers = list(self._subscribers)

@@ -106,6 +106,9 @@ def make_settings(tmp_path: Path, database_url: str, redis_url: str | None = Non
     values = {
         "data_dir": tmp_path / "data", "database_url": database_url, "redis_url": redis_url, "redis_prefix": prefix,
         "reconcile_seconds": 0.5, "batch_window_ms": 5, "claim_idle_ms": 60_000,
+        # A worker process costs seconds of start-up (a fresh interpreter importing torch) in every
+        # test; test_embedded_process.py covers it, the others share the model in a thread.
+        "embedded_worker_mode": "thread",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
