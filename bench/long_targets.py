@@ -1,6 +1,6 @@
 """Cost and accuracy of an edit against its target's length, on the bundled SmolLM2.
 
-    .venv/bin/python bench/long_targets.py [--lengths 16 64 128 256 512] [--per-length 3]
+    .venv/bin/python bench/long_targets.py [--lengths 16 64 128 256 512] [--per-length 3] [--set expert_lr=1e-2]
 
 Prompts and target text come from the WikiBio development file: each target is the
 record's own target followed by further target sentences of the file, cut to the
@@ -29,12 +29,15 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256, 512])
     parser.add_argument("--per-length", type=int, default=3)
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="engine setting, as scen eval --set")
     parser.add_argument("--out", type=Path, default=Path("bench/results/long_targets.json"))
     args = parser.parse_args()
+    config = ScenConfig.from_overrides(args.overrides)
 
     lm = load_model()
     tok = lm.tokenizer
-    editor = Editor(lm.model, tok, ScenConfig())
+    editor = Editor(lm.model, tok, config)
     records = load_dataset(args.data).records
     text_ids = tok(" ".join(r.target for r in records), add_special_tokens=False).input_ids
     rows, i = [], 0
@@ -61,7 +64,8 @@ def main() -> None:
         for n in args.lengths
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"per_edit": rows, "by_length": summary}, indent=1))
+    report = {"settings": args.overrides, "expert_lr": config.expert_lr, "per_edit": rows, "by_length": summary}
+    args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(summary, indent=1))
 
 

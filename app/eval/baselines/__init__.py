@@ -1,7 +1,7 @@
 """Baseline editors driven by the same harness as SCEN: FT, FT+KL and a GRACE-style codebook.
 
 All edit the same layer as SCEN (the engine's resolved layer) and, unless an
-option says otherwise, use the engine expert's learning rate and step limit.
+option says otherwise, use the engine expert's step limit.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ GRACE_LR = 0.5
 # last prompt token).
 GRACE_EPSILON = 5.0
 FT_KL_WEIGHT = 1.0
+# FT and FT+KL step the edited layer's own weights: the rate their recorded results were measured
+# with (the engine's expert, a separate delta, has since moved to a larger one).
+FT_LR = 2e-3
 
 
 def build_baseline(
@@ -28,7 +31,7 @@ def build_baseline(
 
     n_layers = len(adapter_for(model).layer_list(model))
     layer = int(options.pop("layer", scen_config.resolved_layer(n_layers)))
-    lr = float(options.pop("lr", scen_config.expert_lr if name in ("ft", "ft_kl") else GRACE_LR))
+    lr = float(options.pop("lr", FT_LR if name in ("ft", "ft_kl") else GRACE_LR))
     max_steps = int(options.pop("max_steps", scen_config.expert_max_steps if name != "grace" else 100))
     if name in ("ft", "ft_kl"):
         from app.eval.baselines.ft import FineTune
