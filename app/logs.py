@@ -52,6 +52,9 @@ class PlainFormatter(logging.Formatter):
         return f"{first} [request {request_id}]{sep}{rest}"
 
 
+NOISY_AT_INFO = ("faiss.loader", "alembic.runtime.plugins")
+
+
 def configure_logging(verbose: bool = False, json_lines: bool = False) -> None:
     """Log to stderr at INFO (DEBUG when ``verbose``). A process that already set up
     logging (a test runner, an embedding application) keeps its handlers and levels."""
@@ -59,6 +62,11 @@ def configure_logging(verbose: bool = False, json_lines: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(JsonFormatter() if json_lines else PlainFormatter(fmt))
+    if not verbose:
+        # Each start they report at INFO which builds of faiss they tried and which alembic
+        # plugins they set up: lines that say nothing about this service.
+        for name in NOISY_AT_INFO:
+            logging.getLogger(name).setLevel(logging.WARNING)
     if json_lines:
         quiet_third_parties()
 
