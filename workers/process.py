@@ -111,41 +111,35 @@ class WorkerProcess:
     def _supervise(self, first: tuple[BaseProcess, Connection, str]) -> None:
         current: tuple[BaseProcess, Connection, str] | None = first
         delay = 1.0
-        while current is not None:
-            process, conn, name = current
-            started = time.monotonic()
-            self._serve(process, conn)
-            conn.close()
-            # Its pipe closed as its worker loop ended: it is exiting, which takes seconds on a busy machine.
-            process.join(STOP_GRACE_S)
-            if process.exitcode is None:
-                process.kill()
-                process.join()
-            if self._stop.is_set():
-                log.info("worker process %d stopped (exit code %s)", process.pid, process.exitcode)
-                return
-            released = self.queue.release(name)
-            log.error("worker process %d ended unexpectedly (exit code %s); %d of its edits are delivered again",
-                      process.pid, process.exitcode, released)
-            if time.monotonic() - started >= STABLE_AFTER_S:
-                delay = 1.0
+        while True:
+            if current is not None:
+                process, conn, name = current
+                started = time.monotonic()
+                self._serve(process, conn)
+                conn.close()
+                # Its pipe closed as its worker loop ended: it is exiting, which takes seconds on a busy machine.
+                process.join(STOP_GRACE_S)
+                if process.exitcode is None:
+                    process.kill()
+                    process.join()
+                if self._stop.is_set():
+                    log.info("worker process %d stopped (exit code %s)", process.pid, process.exitcode)
+                    return
+                released = self.queue.release(name)
+                log.error("worker process %d ended unexpectedly (exit code %s); %d of its edits are delivered "
+                          "again", process.pid, process.exitcode, released)
+                if time.monotonic() - started >= STABLE_AFTER_S:
+                    delay = 1.0
+            # A child that could not be started waits like one that died at once.
             if self._stop.wait(delay):
                 return
             delay = min(delay * 2, MAX_RESTART_DELAY_S)
             self.restarts += 1
-            current = self._respawn()
-
-    def _respawn(self) -> tuple[BaseProcess, Connection, str] | None:
-        """A new child, tried again with a growing delay until one starts or the worker stops."""
-        delay = 1.0
-        while True:
             try:
-                return self._spawn()
+                current = self._spawn()
             except Exception:
-                log.exception("the worker process could not be started; trying again in %.0fs", delay)
-            if self._stop.wait(delay):
-                return None
-            delay = min(delay * 2, MAX_RESTART_DELAY_S)
+                log.exception("the worker process could not be started; trying again")
+                current = None
 
     def _serve(self, process: BaseProcess, conn: Connection) -> None:
         """Answer the child until it ends; once stopping, ask it to finish, then make it."""

@@ -3,7 +3,7 @@
 Each outcome is written in one place (``_succeed``, ``_give_up``, ``_retry_later``).
 The message is acknowledged only after the outcome is committed, so a worker that
 dies at any point leaves it pending for another worker to reclaim. Edits the queue
-lost are sent again by ``requeue_lost``, the one place that re-sends work.
+lost are sent again by ``send_lost_edits``, the one place that re-sends work.
 """
 
 from __future__ import annotations
@@ -110,16 +110,15 @@ class EditWorker:
                 stop.wait(backoff)
         log.info("worker %s stopped", self.name)
 
-    def requeue_lost(self, min_age_s: float | None = None) -> list[str]:
-        """Send again every edit that has waited ``min_age_s`` (default ``requeue_after_s``)
-        with no message in the queue.
+    def requeue_lost(self) -> list[str]:
+        """Send again every edit that has waited ``requeue_after_s`` with no message in the queue.
 
         Runs when the worker is idle, in one worker at a time. Checking the database before the
         queue makes a race harmless: an edit finished in between is sent once more and skipped.
         """
         if not self.queue.claim_sweep(self.name, int(self.requeue_after_s * 1000)):
             return []
-        return send_lost_edits(self.db, self.queue, self.requeue_after_s if min_age_s is None else min_age_s)
+        return send_lost_edits(self.db, self.queue, self.requeue_after_s)
 
     def handle(self, delivery: Delivery) -> None:
         # Every log line about this edit carries its id and the id of the request that queued it.
