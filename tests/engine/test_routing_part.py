@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
+from app.live.experts import ExpertFiles
 from app.scen import Editor, IntegrityError, ScenConfig, TrainedEdit
 from app.scen.expert_cache import NOT_LOADED
 from app.scen.store import edit_bytes, load_edit, load_routing, routing_bytes, routing_from_bytes, save_edit
@@ -108,3 +110,22 @@ def test_a_damaged_expert_is_refused_at_first_use(tmp_path, trained):
     [answer] = editor.generate([PROMPT], max_new_tokens=6)
     assert answer.edit_id is None and answer.text == base
     assert editor.expert_cache.stats().load_failures == 1
+
+
+def test_many_routing_parts_are_read_each_under_its_own_reference(tmp_path, trained):
+    # Past a few dozen files the reads run on several threads: each part, and each failure,
+    # must still come back under the reference it was read from.
+    files = ExpertFiles(tmp_path)
+    refs = []
+    for i in range(150):
+        edit = dataclasses.replace(trained, prompt=f"{PROMPT} ({i})")
+        refs.append(files.save(f"e{i}", edit)[0])
+    (tmp_path / refs[7]).unlink()
+    (tmp_path / refs[99]).write_bytes(b"x" * 64)
+    parts = files.load_routing(refs)
+    assert list(parts) == refs
+    assert isinstance(parts[refs[7]], FileNotFoundError) and isinstance(parts[refs[99]], IntegrityError)
+    for i, ref in enumerate(refs):
+        if i not in (7, 99):
+            part = parts[ref]
+            assert isinstance(part, TrainedEdit) and part.prompt == f"{PROMPT} ({i})" and part.expert is NOT_LOADED
