@@ -19,7 +19,6 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -41,11 +40,6 @@ log = logging.getLogger(__name__)
 
 # Cannot begin a file reference: those are always under experts/.
 ROW_PREFIX = "db:"
-# Routing parts read at once when many edits come live. Files not in the page cache are read
-# at the disk's latency, one after another; several reads in flight let it serve them together
-# (100,000 edits from a cold cache: bench/startup.py).
-READERS = 16
-_CHUNK = 64  # routing parts per task handed to a reader
 
 
 def is_row(ref: str) -> bool:
@@ -122,16 +116,6 @@ class ExpertFiles:
         return load_edit(self.data_dir / ref, sha256)
 
     def load_routing(self, refs: Sequence[str]) -> dict[str, TrainedEdit | Exception]:
-        if len(refs) <= _CHUNK:
-            return self._routing(refs)
-        chunks = [refs[i : i + _CHUNK] for i in range(0, len(refs), _CHUNK)]
-        parts: dict[str, TrainedEdit | Exception] = {}
-        with ThreadPoolExecutor(READERS, thread_name_prefix="routing-read") as pool:
-            for chunk in pool.map(self._routing, chunks):
-                parts |= chunk
-        return parts
-
-    def _routing(self, refs: Sequence[str]) -> dict[str, TrainedEdit | Exception]:
         parts: dict[str, TrainedEdit | Exception] = {}
         for ref in refs:
             try:

@@ -25,9 +25,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
+
+from app.scen.blas import name_openblas_core
+
+name_openblas_core()
+import faiss  # noqa: E402  (after the core is named: OpenBLAS reads it when loaded)
 
 # faiss' scalar-quantizer kernels vectorise only dimensions that are a multiple of this.
 _ALIGN = 16

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from app.scen.blas import core_for
 from app.scen.routed import Neuron, Router, RoutingKeys
 from app.scen.router_index import IndexSettings
 
@@ -183,3 +184,9 @@ def test_a_copied_router_rebuilds_its_index_and_routes_the_same():
     for other in (copy.deepcopy(indexed), pickle.loads(pickle.dumps(indexed))):
         assert same(other.route(keys), want)
         assert torch.equal(other.index.stored_labels(), indexed.index.stored_labels())
+
+
+def test_openblas_core_is_named_from_the_cpu_flags():
+    assert core_for({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}) == "SkylakeX"
+    assert core_for({"avx2", "fma", "avx512f"}) == "Haswell"  # AVX-512 without the parts SkylakeX uses
+    assert core_for({"sse4_2", "avx"}) is None
