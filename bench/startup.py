@@ -143,7 +143,14 @@ def measure(data_dir: Path, store: str) -> dict:
     out["editor_s"] = time.perf_counter() - t
     t = time.perf_counter()
     db = Database(settings.db_url)
-    sync = LiveSync(editor, db, open_experts(settings, db))
+    try:
+        from app.live.routing_table import NAME, RoutingTable
+        table = RoutingTable(data_dir / NAME)
+        out["table_at_start"] = table.path.exists()
+        sync = LiveSync(editor, db, open_experts(settings, db), table)
+    except ImportError:  # a checkout from before the routing table
+        table = None
+        sync = LiveSync(editor, db, open_experts(settings, db))
     budget = settings.expert_cache_mb
     editor.page_experts(None if budget is None else int(budget * 2**20), sync.load_expert)
     sync.reconcile()
@@ -159,6 +166,11 @@ def measure(data_dir: Path, store: str) -> dict:
         t = time.perf_counter()
         editor.get(editor.edit_ids[len(editor.edit_ids) // 2])  # what the first prompt routed to it waits for
         out["first_expert_s"] = time.perf_counter() - t
+    if table is not None:
+        t = time.perf_counter()
+        table.wait()
+        out["table_written"] = table.path.exists() and not out["table_at_start"]
+        out["table_write_wait_s"] = time.perf_counter() - t
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 

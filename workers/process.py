@@ -226,7 +226,7 @@ def child_main(settings: Settings, conn: Connection, name: str, loaded: LoadedMo
     queue = PipeQueue(conn, on_lost=stop.set)
     db = Database(settings.db_url)  # the API process has migrated it
     try:
-        served = build_served_model(settings, db, loaded)
+        served = build_served_model(settings, db, loaded, write_table=False)
         metrics = cast(WorkerMetrics, _RemoteWorkerMetrics(queue))
         worker = build_worker(settings, served, db, queue, name=name, block_ms=500, metrics=metrics)
         worker.run(stop)

@@ -11,6 +11,8 @@ from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_afte
 from app.db.migrate import upgrade
 from app.db.session import Database
 from app.live.experts import Experts, open_experts
+from app.live.routing_table import NAME as ROUTING_TABLE
+from app.live.routing_table import RoutingTable
 from app.live.sync import LiveSync
 from app.models import LoadedModel, load_model
 from app.queue import EditQueue, make_queue
@@ -59,14 +61,21 @@ def load_configured_model(settings: Settings) -> LoadedModel:
     return load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
 
 
-def build_served_model(settings: Settings, db: Database, loaded: LoadedModel | None = None) -> ServedModel:
-    """Load ``settings.model`` (unless ``loaded`` is given) and bring every active edit live."""
+def build_served_model(
+    settings: Settings, db: Database, loaded: LoadedModel | None = None, write_table: bool = True
+) -> ServedModel:
+    """Load ``settings.model`` (unless ``loaded`` is given) and bring every active edit live.
+
+    The routing parts come from the data directory's routing table where it has them; with
+    ``write_table`` a start that read many of them from the store writes a new table (a
+    process started beside another that does, such as the embedded worker, need not)."""
     if loaded is None:
         loaded = load_configured_model(settings)
     editor = Editor(loaded.model, loaded.tokenizer, settings.engine_config,
                     cache_dir=settings.cache_dir / "pool-keys")
     experts = open_experts(settings, db)
-    sync = LiveSync(editor, db, experts)
+    table = RoutingTable(settings.data_dir / ROUTING_TABLE, rewrite_after=1000 if write_table else None)
+    sync = LiveSync(editor, db, experts, table)
     budget = settings.expert_cache_mb
     editor.page_experts(None if budget is None else int(budget * 2**20), sync.load_expert)
     sync.reconcile()

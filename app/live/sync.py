@@ -8,6 +8,7 @@ import threading
 from app.db import edits as repo
 from app.db.session import Database
 from app.live.experts import Experts
+from app.live.routing_table import RoutingTable
 from app.scen import Editor, ScenError, TrainedEdit, UnknownEditError
 from app.scen.experts import Expert
 
@@ -31,10 +32,13 @@ class LiveSync:
     live again, so a bad expert does not come back on the strength of its routing part.
     """
 
-    def __init__(self, editor: Editor, db: Database, experts: Experts):
+    def __init__(self, editor: Editor, db: Database, experts: Experts, table: RoutingTable | None = None):
         self.editor = editor
         self.db = db
         self.experts = experts
+        # Routing parts of many edits at once, for the first reconcile (start-up); None: every
+        # part is read from the store.
+        self.table = table
         self._lock = threading.Lock()
         self._broken: set[tuple[str, str | None]] = set()  # (id, sha) whose file failed to load, logged once
         self._unserved: dict[str, str] = {}
@@ -85,8 +89,9 @@ class LiveSync:
             wanted: list[str] = []
             unserved: dict[str, str] = {}
             refound: dict[str, TrainedEdit] = {}  # live, their expert failed to load while serving, read now
-            read = self._read([rec for rec in records
-                               if (rec.id not in current or rec.id in failed) and rec.id not in trained], failed)
+            read, from_store = self._read(
+                [rec for rec in records if (rec.id not in current or rec.id in failed) and rec.id not in trained],
+                failed)
             for rec in records:
                 if rec.id not in current or rec.id in failed:
                     edit = trained.get(rec.id) or self._loaded(rec, read[rec.id], unserved)
@@ -112,6 +117,8 @@ class LiveSync:
                 if edit_id not in loaded:
                     self.editor.provide_expert(edit_id, edit.expert)
             self._unserved = unserved
+            if self.table is not None:
+                self.table.keep(self._live_parts, from_store)
         if behind:
             log.info("re-added %d live edits after the edits restored before them", len(behind))
         if added or removed:
@@ -125,10 +132,18 @@ class LiveSync:
         first_new = next((i for i, edit_id in enumerate(wanted) if edit_id not in current), len(wanted))
         return {edit_id for edit_id in wanted[first_new:] if edit_id in current}
 
-    def _read(self, records: list[repo.LiveRecord], failed: dict[str, str]) -> dict[str, TrainedEdit | Exception]:
-        """Each edit's routing part, by id; whole and checked where its expert failed before."""
+    def _read(
+        self, records: list[repo.LiveRecord], failed: dict[str, str]
+    ) -> tuple[dict[str, TrainedEdit | Exception], int]:
+        """Each edit's routing part, by id, whole and checked where its expert failed before;
+        and how many were read from the store rather than the routing table."""
         whole = {rec.id for rec in records if rec.id in failed or (rec.id, rec.expert_sha256) in self._broken}
-        parts = self.experts.load_routing([rec.expert_path for rec in records if rec.id not in whole])
+        refs = [rec.expert_path for rec in records if rec.id not in whole]
+        parts: dict[str, TrainedEdit | Exception] = {}
+        if self.table is not None and refs:
+            parts.update(self.table.take(refs))
+        missing = [ref for ref in refs if ref not in parts]
+        parts.update(self.experts.load_routing(missing))
         read: dict[str, TrainedEdit | Exception] = {}
         for rec in records:
             if rec.id not in whole:
@@ -138,7 +153,16 @@ class LiveSync:
                 read[rec.id] = self.experts.load(rec.expert_path, rec.expert_sha256)
             except (OSError, ScenError) as exc:
                 read[rec.id] = exc
-        return read
+        return read, len(missing)
+
+    def _live_parts(self) -> dict[str, TrainedEdit]:
+        """Every live edit's routing part, by its expert reference."""
+        parts = {}
+        for edit_id in self.editor.edit_ids:
+            stored = self._stored.get(edit_id)
+            if stored is not None:
+                parts[stored[0]] = self.editor.routing_part(edit_id)
+        return parts
 
     def _loaded(
         self, rec: repo.LiveRecord, read: TrainedEdit | Exception, unserved: dict[str, str]
