@@ -20,9 +20,7 @@ stage drops them).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,23 +63,6 @@ class IndexSettings:
 DEFAULT = IndexSettings()
 
 
-@contextlib.contextmanager
-def _faiss_threads(n: int) -> Iterator[None]:
-    """faiss's OpenMP threads for the calls inside, in this thread.
-
-    faiss brings an OpenMP runtime of its own, beside torch's: its threads and torch's, which
-    spin a while after each operation, contend for the same cores. A search reads a few
-    thousand rows for a handful of prompt tokens, less than the cost of waking a team, so it
-    runs in the calling thread; clustering a build is worth every core torch uses.
-    """
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
 class SubjectIndex:
     """An inverted file of subject rows ``[w, b]`` under int64 labels (faiss, CPU)."""
 
@@ -116,11 +97,10 @@ class SubjectIndex:
         # for every key, the one that holds its match.
         sample = sample.copy()
         sample[:, self.h] = 0.0
-        with _faiss_threads(torch.get_num_threads()):
-            ivf.train(sample)
-            faiss.copy_array_to_vector(self._ranges(vectors), ivf.sq.trained)
-            ivf.nprobe = s.probes
-            ivf.add_with_ids(vectors, self._labels(labels))
+        ivf.train(sample)
+        faiss.copy_array_to_vector(self._ranges(vectors), ivf.sq.trained)
+        ivf.nprobe = s.probes
+        ivf.add_with_ids(vectors, self._labels(labels))
         self._ivf = ivf
 
     @property
@@ -148,8 +128,7 @@ class SubjectIndex:
         queries = np.zeros((len(keys), self.d), dtype=np.float32)
         queries[:, : self.h] = keys.detach().float().cpu().numpy()
         queries[:, self.h] = 1.0
-        with _faiss_threads(1):
-            _, _, found = self._ivf.range_search(queries, floor - self.settings.slack)
+        _, _, found = self._ivf.range_search(queries, floor - self.settings.slack)
         return torch.from_numpy(np.unique(found))
 
     def labels(self) -> torch.Tensor:
