@@ -113,8 +113,8 @@ def test_a_damaged_expert_is_refused_at_first_use(tmp_path, trained):
 
 
 def test_many_routing_parts_are_read_each_under_its_own_reference(tmp_path, trained):
-    # Past a few dozen files the reads run on several threads: each part, and each failure,
-    # must still come back under the reference it was read from.
+    # A start reads many parts in one call: each part, and each failure, comes back under the
+    # reference it was read from.
     files = ExpertFiles(tmp_path)
     refs = []
     for i in range(150):
