@@ -1,7 +1,7 @@
 """Seconds per edit against the number of live edits already in the editor, and where an edit
 spends them.
 
-    PYTHONPATH=. .venv/bin/python bench/edit_cost.py [--sizes 0,1000,10000] [--edits 8]
+    PYTHONPATH=. .venv/bin/python bench/edit_cost.py [--sizes 0,1000,10000] [--edits 8] [--set expert=full]
 
 (``PYTHONPATH=.``: see bench/throughput.py.)
 
@@ -79,13 +79,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0,1000,10000")
     parser.add_argument("--edits", type=int, default=8, help="edits trained (timed) per size")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="engine setting, e.g. --set expert=full")
     parser.add_argument("--out", default=str(OUT / "edit_cost.json"))
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     torch.manual_seed(0)
     wall = time.perf_counter()
     load = os.getloadavg()
-    cfg = ScenConfig()
+    cfg = ScenConfig.from_overrides(args.overrides)
     lm = load_model()
     editor = Editor(lm.model, lm.tokenizer, cfg, cache_dir=cache_dir().parent)
     zsre = json.loads((DATA / "zsre_mend_train_1k.json").read_text())
@@ -142,7 +144,10 @@ def main() -> None:
         rows.append(row)
         Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n")
     result = run_facts(__doc__, load) | {
-        "command": f"PYTHONPATH=. .venv/bin/python bench/edit_cost.py --sizes {args.sizes} --edits {args.edits}",
+        "command": " ".join(["PYTHONPATH=. .venv/bin/python bench/edit_cost.py", f"--sizes {args.sizes}",
+                             f"--edits {args.edits}", *(f"--set {o}" for o in args.overrides)]),
+        "expert": cfg.expert,
+        "rank": cfg.rank,
         "prompts": [r["src"] for r in records[1:]],
         "rows": rows,
         "wall_s": round(time.perf_counter() - wall, 1),
