@@ -32,7 +32,7 @@ from app.scen.chats import Prompt, encode_answered, in_conversation
 from app.scen.config import ScenConfig
 from app.scen.errors import UnknownEditError
 from app.scen.expert_cache import NOT_LOADED, ExpertCache, InCache
-from app.scen.experts import Expert, new_expert
+from app.scen.experts import Expert
 from app.scen.indexing import (
     EarlierKeys,
     EditRecording,
@@ -46,7 +46,7 @@ from app.scen.indexing import (
 from app.scen.layers import record
 from app.scen.prompts import Batch, check_limits, encode, prompt_ids, prompt_tokens, subject_positions
 from app.scen.routed import Neuron, RoutedDown, Router, Routing, RoutingKeys, question_keys
-from app.scen.training import Timer, TrainedEdit, train_expert
+from app.scen.training import Timer, TrainedEdit, fit_expert
 
 
 @dataclass
@@ -217,10 +217,8 @@ class Editor:
             timer = Timer()
             batch = encode_answered(self.tokenizer, expert_rows, target).to(self.device)
             rec = self._record(batch)
-            d, h = rec.out.shape[-1], rec.keys.shape[-1]
-            expert = new_expert(self.config.expert, d, h, self.config.rank, self._generator).to(self.device)
-            metrics = train_expert(
-                self.model, self.layers, self.layer, batch, rec.out, rec.keys, expert, self.config, self._generator
+            expert, metrics = fit_expert(
+                self.model, self.layers, self.layer, batch, rec.out, rec.keys, self.config, self._generator
             )
             metrics["expert_seconds"], metrics["expert_rows"] = timer.seconds, len(expert_rows)
             edit_rec, subject = self._edit_recording(batch.head(len(texts)), rec, prompt, subject)

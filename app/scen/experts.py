@@ -63,6 +63,24 @@ class LowRankExpert(Expert):
         return (k @ self.a.T) @ self.b.T
 
 
+def low_rank_of(expert: FullExpert, rank: int) -> LowRankExpert:
+    """The rank-``rank`` expert nearest a full one: its delta's leading singular directions.
+
+    A randomised SVD (a few ms where the full one takes ~100 on SmolLM2's 576 x 1536 delta), on
+    the CPU under a fixed seed, so that the same delta always gives the same factors."""
+    delta = expert.delta.detach().float().cpu()
+    d, h = delta.shape
+    rank = min(rank, d, h)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(delta, q=min(rank + 8, d, h), niter=4)
+        low = LowRankExpert(d, h, rank)  # its random start is replaced below
+    with torch.no_grad():
+        low.a.copy_(v[:, :rank].T)
+        low.b.copy_(u[:, :rank] * s[:rank])
+    return low.to(expert.delta.device)
+
+
 def new_expert(kind: str, d: int, h: int, rank: int, generator: torch.Generator | None = None) -> Expert:
     if kind == "full":
         return FullExpert(d, h)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from app.scen.config import ScenConfig
-from app.scen.experts import Expert
+from app.scen.experts import Expert, FullExpert, low_rank_of
 from app.scen.layers import replay_above
 from app.scen.prompts import Batch
 from app.scen.routed import Neuron
@@ -105,6 +105,33 @@ def train_expert(
         "steps": steps, "loss": loss.item(), "min_target_prob": min_prob,
         "reproduced": reproduced, "converged": converged,
     }
+
+
+def fit_expert(
+    model: PreTrainedModel,
+    layers: nn.ModuleList,
+    layer: int,
+    batch: Batch,
+    out: torch.Tensor,
+    keys: torch.Tensor,
+    config: ScenConfig,
+    generator: torch.Generator,
+) -> tuple[Expert, dict]:
+    """The expert of ``config.expert``'s kind for one edit, and its training metrics.
+
+    A full delta is trained first. A low-rank expert is then that delta's rank-r part, trained
+    further (``refit_steps``) until the stopping rule holds again, which it mostly does at once:
+    a low-rank expert trained from a random start took more steps (4.9 against 3.6 on 40 ZsRE
+    edits, at a step size 6 times larger) to reach the same figures.
+    """
+    d, h = out.shape[-1], keys.shape[-1]
+    full = FullExpert(d, h).to(out.device)
+    metrics = train_expert(model, layers, layer, batch, out, keys, full, config, generator)
+    if config.expert == "full":
+        return full, metrics
+    low = low_rank_of(full, config.rank)
+    refit = train_expert(model, layers, layer, batch, out, keys, low, config, generator)
+    return low, refit | {"steps": metrics["steps"] + refit["steps"], "refit_steps": refit["steps"]}
 
 
 def target_positions(T: int, n: int, device: torch.device) -> torch.Tensor:

@@ -56,6 +56,19 @@ def test_edit_is_learned_and_routed(arch):
     assert token_accuracy(editor, prompt, target) == 1.0
 
 
+def test_a_low_rank_edit_keeps_its_full_deltas_leading_part_and_answers_its_target():
+    full, low = make_editor(), make_editor(expert="lowrank", rank=4)
+    prompt, target = EDITS[0]
+    trained_full, trained_low = full.train(prompt, target), low.train(prompt, target)
+    assert trained_low.expert.kind == "lowrank" and trained_low.expert.b.shape[1] == 4
+    m = trained_low.metrics
+    assert m["converged"] and m["steps"] == trained_full.metrics["steps"] + m["refit_steps"]
+    # Routing does not depend on the expert: both neurons are the same.
+    assert torch.equal(trained_low.neuron.relation, trained_full.neuron.relation)
+    low.add("e0", trained_low)
+    assert greedy(low, [prompt], n=4) == [target]
+
+
 def test_the_expert_also_learns_its_prompt_inside_a_conversation_and_routing_is_trained_as_before():
     prompt, target = EDITS[1]
     alone, in_chat = (make_editor(expert_in_conversation=flag) for flag in (False, True))
@@ -138,7 +151,7 @@ def test_rollback_restores_base_outputs_exactly():
 def test_save_and_load_give_identical_outputs(tmp_path, expert):
     from app.scen import load_edit, save_edit
 
-    editor = make_editor(expert=expert, expert_lr=3e-2 if expert == "lowrank" else 1e-2)
+    editor = make_editor(expert=expert)
     digests = {}
     for i, (prompt, target) in enumerate(EDITS):
         edit = editor.train(prompt, target)
