@@ -155,7 +155,7 @@ def raw_keys(unit: torch.Tensor, norm: KeyNorm) -> torch.Tensor:
     the engine keeps raw keys for each live edit and normalises them when it trains the next:
     whitening is invertible and unit length forgets the scale, so this is such a key.
     """
-    return torch.linalg.solve(norm.whiten.double().T, unit.double().T).T.float() + norm.center
+    return torch.linalg.solve(norm.matrix().double().T, unit.double().T).T.float() + norm.center
 
 
 def train_subject_factors(pos: torch.Tensor, neg: torch.Tensor, cfg: ScenConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,23 @@ def test_whitening_equals_the_shrunk_inverse_square_root(n, h):
     norm = KeyNorm(h)
     norm.fit(X, shrinkage=0.1)
     expected = shrunk_inverse_sqrt(X, 0.1)
-    assert torch.allclose(norm.whiten.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+    assert torch.allclose(norm.matrix().double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
     assert torch.allclose(norm.center, X.mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("n,form", [(12, "low-rank"), (200, "dense")])
+def test_both_forms_whiten_alike_and_survive_a_state_dict(n, form):
+    torch.manual_seed(0)
+    h = 48
+    norm = KeyNorm(h)
+    norm.fit(torch.randn(n, h) * torch.linspace(0.1, 3.0, h) + 2.0, shrinkage=0.1)
+    assert (norm.whiten.numel() == 0) == (form == "low-rank")
+    keys = torch.randn(3, 5, h) * 4
+    expected = (keys.double() - norm.center.double()) @ norm.matrix().double()
+    assert torch.allclose(norm.whitened(keys).double(), expected, rtol=1e-4, atol=1e-4)
+    copy = KeyNorm(h)
+    copy.load_state_dict(norm.state_dict())
+    assert torch.equal(copy.whitened(keys), norm.whitened(keys))
 
 
 def test_pool_keys_are_cached_per_model_and_reused(tmp_path):
