@@ -3,6 +3,7 @@ candidates of the subject index (app/scen/router_index.py), and how often the in
 a routing decision.
 
     .venv/bin/python bench/routing.py [--sizes 0,100,1000,10000,100000] [--repeats 40]
+        [--index probe_floor=0.1] [--sweep-floor none,0.1,0.2] [--out bench/results/routing.json]
 
 The neurons and prompts come from real keys of the bundled SmolLM2 (subject layer 10,
 relation layer 6), recorded once and cached in ``SCEN_CACHE_DIR`` (default ~/.cache/scen)
@@ -119,6 +120,48 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def timings(dense: Dense | None, indexed: Router, probes: list[dict], args) -> dict:
+    """p50 and p95 of ``route`` at batch 1 and 8, indexed (and dense, unless None)."""
+    row: dict = {}
+    for B in (1, 8):
+        batches = probe_batches(probes, B)
+        for name, router in (("dense", dense), ("indexed", indexed)):
+            if router is None:
+                continue
+            times, _ = timed(router, batches, max(1, args.repeats // B), args.budget)
+            row[f"{name}_b{B}_p50_ms"] = quantile(times, 0.5)
+            row[f"{name}_b{B}_p95_ms"] = quantile(times, 0.95)
+        if dense is not None:
+            row[f"speedup_b{B}_p50"] = round(row[f"dense_b{B}_p50_ms"] / max(row[f"indexed_b{B}_p50_ms"], 1e-6), 1)
+    return row
+
+
+def routings(dense: Dense, indexed: Router, probes: list[dict], cfg: ScenConfig,
+             want: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The dense slots of every probe (``want`` where already known) and how the index's compare."""
+    batches = probe_batches(probes, 1)
+    if want is None:
+        want = torch.cat(timed(dense, batches, 1)[1])
+    got = torch.cat(timed(indexed, batches, 1)[1])
+    kinds = [p["kind"] for p in probes]
+    routed = want >= 0
+    row: dict = {
+        "recall": round(float((want == got).float().mean()), 4),
+        "dense_routed": round(float(routed.float().mean()), 4),
+        "recall_of_routed": round(float((want[routed] == got[routed]).float().mean()), 4) if routed.any() else None,
+        "routed_by_kind": {
+            k: round(sum(int(w) >= 0 for w, kk in zip(want, kinds) if kk == k) / kinds.count(k), 3)
+            for k in sorted(set(kinds))},
+    }
+    with torch.no_grad():
+        cand = [len(indexed.index.candidates(
+            indexed.subject_norm(b.subject[b.content]), indexed.subject_w, indexed.subject_b,
+            _floor(cfg))) for b in batches]
+    row["candidates_mean"] = round(sum(cand) / len(cand), 1)
+    row["candidates_max"] = max(cand)
+    return want, row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0,100,1000,10000,100000")
@@ -126,6 +169,13 @@ def main() -> None:
     parser.add_argument("--timed", type=int, default=48, help="probes timed (batch 1; batch 8 uses as many)")
     parser.add_argument("--probes", type=int, default=800, help="probes checked for recall")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of timing per case, at least one round")
+    parser.add_argument("--index", action="append", default=[], metavar="KEY=VALUE",
+                        help="an index setting other than the default (router_index.IndexSettings)")
+    parser.add_argument("--out", type=Path, default=OUT / "routing.json")
+    parser.add_argument("--recall", action=argparse.BooleanOptionalAction, default=True,
+                        help="check the index's decisions against reading every neuron (slow at 100,000)")
+    parser.add_argument("--sweep-floor", default="", metavar="F,F,...",
+                        help="at the largest size, time and check the index again at each probe floor")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     torch.manual_seed(0)
@@ -137,7 +187,8 @@ def main() -> None:
     probes = keys["probes"][: args.probes]
     rng = random.Random(0)
     timed_probes = rng.sample(probes, min(args.timed, len(probes)))
-    settings = IndexSettings()
+    settings = index_settings(args.index)
+    floors = [None if f.lower() == "none" else float(f) for f in args.sweep_floor.split(",") if f]
     rows = []
     for n in sizes:
         # One router (one copy of the rows), read both ways.
@@ -150,35 +201,24 @@ def main() -> None:
             row["index_build_s"] = round(time.perf_counter() - start, 3)
             row["index_mb"] = round(indexed.index.nbytes / 2**20, 1)
             row["neuron_rows_mb"] = round(2 * n * h * 4 / 2**20, 1)
-        for B in (1, 8):
-            batches = probe_batches(timed_probes, B)
-            for name, router in (("dense", dense), ("indexed", indexed)):
-                times, _ = timed(router, batches, max(1, args.repeats // B), args.budget)
-                row[f"{name}_b{B}_p50_ms"] = quantile(times, 0.5)
-                row[f"{name}_b{B}_p95_ms"] = quantile(times, 0.95)
-            row[f"speedup_b{B}_p50"] = round(row[f"dense_b{B}_p50_ms"] / max(row[f"indexed_b{B}_p50_ms"], 1e-6), 1)
-        if n:
-            batches = probe_batches(probes, 1)
-            _, want = timed(dense, batches, 1)
-            _, got = timed(indexed, batches, 1)
-            want_t, got_t = torch.cat(want), torch.cat(got)
-            kinds = [p["kind"] for p in probes]
-            row["recall"] = round(float((want_t == got_t).float().mean()), 4)
-            row["dense_routed"] = round(float((want_t >= 0).float().mean()), 4)
-            routed = want_t >= 0
-            row["recall_of_routed"] = round(float((want_t[routed] == got_t[routed]).float().mean()), 4) \
-                if routed.any() else None
-            row["routed_by_kind"] = {
-                k: round(sum(int(w) >= 0 for w, kk in zip(want_t, kinds) if kk == k) / kinds.count(k), 3)
-                for k in sorted(set(kinds))}
-            with torch.no_grad():
-                cand = [len(indexed.index.candidates(
-                    indexed.subject_norm(b.subject[b.content]), indexed.subject_w, indexed.subject_b,
-                    _floor(cfg))) for b in batches]
-            row["candidates_mean"] = round(sum(cand) / len(cand), 1)
-            row["candidates_max"] = max(cand)
+        row |= timings(dense, indexed, timed_probes, args)
+        want = None
+        if n and args.recall:
+            want, found = routings(dense, indexed, probes, cfg)
+            row |= found
         print(row, flush=True)
         rows.append(row)
+        if n == max(sizes) and n:
+            for floor in floors:
+                # The floor is read at search time: the same index, scanned less.
+                for index in (indexed.index, indexed.index._index):
+                    index.settings = dataclasses.replace(index.settings, probe_floor=floor)
+                swept = {"neurons": n, "probe_floor": floor, **timings(None, indexed, timed_probes, args)}
+                if args.recall:
+                    want, found = routings(dense, indexed, probes, cfg, want)
+                    swept |= found
+                print(swept, flush=True)
+                rows.append(swept)
     result = {
         "what": __doc__.split("\n\n")[0].replace("\n", " "),
         "threads": torch.get_num_threads(),
@@ -194,10 +234,23 @@ def main() -> None:
         "max_rss_mb": round(rss_mb()),
         "rows": rows,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "routing.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, OUT / "routing.png")
-    print(f"wrote {OUT / 'routing.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}")
+
+
+def index_settings(overrides: list[str]) -> IndexSettings:
+    """The default index settings with ``KEY=VALUE`` overrides (``none`` for an optional one)."""
+    settings = IndexSettings()
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if key not in settings.__dataclass_fields__:
+            raise SystemExit(f"unknown index setting {key!r}")
+        current = getattr(IndexSettings(), key)
+        value = None if raw.lower() == "none" else (float(raw) if current is None else type(current)(raw))
+        settings = dataclasses.replace(settings, **{key: value})
+    return settings
 
 
 def _how() -> str:
@@ -217,6 +270,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    rows = [r for r in rows if "probe_floor" not in r]  # the sweep's rows are in the JSON alone
     xs = [max(r["neurons"], 10) for r in rows]
     for name, style in (("dense", "-o"), ("indexed", "-s")):
         for B, alpha in ((1, 1.0), (8, 0.5)):

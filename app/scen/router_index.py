@@ -47,6 +47,12 @@ class IndexSettings:
     rows_per_list: int = 128
     # Clusters each prompt token scans: recall against time.
     probes: int = 16
+    # Of those, only the clusters whose mean direction the token's key meets at this cosine or
+    # more: a token far from every cluster scans few or none. At 100,000 real-key neurons 0.1
+    # left 70 % of the rows to scan (routing 9.0 ms a prompt against 9.8 ms, 42 ms a batch of 8
+    # against 50) with recall unchanged (0.9875), but at 10,000 it missed 3 more of 800 probes
+    # (0.9937); 0.15 scanned 47 % (7.6 ms, 35 ms; recall 0.985). None: all ``probes``.
+    probe_floor: float | None = None
     # Rows scoring up to this many logits under the bound are candidates too: 8-bit codes
     # misplace a score by far less than this, and a false candidate only costs its exact check.
     slack: float = 0.5
@@ -103,6 +109,9 @@ class SubjectIndex:
         ivf.train(sample)
         faiss.copy_array_to_vector(self._ranges(vectors), ivf.sq.trained)
         ivf.nprobe = s.probes
+        # Threads share one token's clusters rather than taking tokens each: a prompt has a handful
+        # of tokens, and after the probe floor some scan far more than others.
+        ivf.parallel_mode = 1
         ivf.add_with_ids(vectors, self._labels(labels))
         self._ivf = ivf
 
@@ -128,10 +137,14 @@ class SubjectIndex:
         assert self._ivf is not None, "build the index first"
         if not len(keys):
             return torch.zeros(0, dtype=torch.long)
+        s = self.settings
         queries = np.zeros((len(keys), self.d), dtype=np.float32)
         queries[:, : self.h] = keys.detach().float().cpu().numpy()
         queries[:, self.h] = 1.0
-        _, _, found = self._ivf.range_search(queries, floor - self.settings.slack)
+        near, lists = self._ivf.quantizer.search(queries, self._ivf.nprobe)  # (Q, probes) each
+        if s.probe_floor is not None:
+            lists[near < s.probe_floor] = -1  # faiss skips list -1
+        _, _, found = self._ivf.range_search_preassigned(queries, floor - s.slack, lists, near)
         return torch.from_numpy(np.unique(found))
 
     def labels(self) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The router's subject index: with it, routing decides as reading every neuron does."""
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -54,9 +55,10 @@ def same(a, b) -> bool:
     return torch.equal(a.slots, b.slots)
 
 
-def test_indexed_routing_decides_as_the_full_product_on_planted_matches():
+@pytest.mark.parametrize("index", [INDEXED, dataclasses.replace(INDEXED, probe_floor=0.3)], ids=["all-probes", "floor"])
+def test_indexed_routing_decides_as_the_full_product_on_planted_matches(index):
     g = torch.Generator().manual_seed(0)
-    dense, indexed = routers()
+    dense, indexed = routers(index)
     subjects, relations = unit(120, H_S, g=g), unit(6, H, g=g)
     # 360 neurons: three edits per subject, each asking one of six questions.
     for e in range(360):
@@ -71,6 +73,20 @@ def test_indexed_routing_decides_as_the_full_product_on_planted_matches():
     routed = want.slots >= 0
     assert torch.allclose(got.activations[routed], want.activations[routed])
     assert len(indexed.index.stored_labels()) == 360
+
+
+def test_a_token_scans_only_clusters_its_key_meets_at_the_probe_floor():
+    g = torch.Generator().manual_seed(5)
+    _, indexed = routers(dataclasses.replace(INDEXED, probe_floor=0.5))
+    subjects = unit(200, H_S, g=g)
+    for e in range(200):
+        indexed.append(neuron(subjects[e], unit(H, g=g)))
+    index = indexed.index
+    index.sync(indexed.subject_w, indexed.subject_b)
+    floor = float(torch.logit(torch.tensor(0.65))) + 1.0
+    assert index.candidates(subjects[[7, 42]], indexed.subject_w, indexed.subject_b, floor).tolist() == [7, 42]
+    # A key far from every cluster (here: opposite a subject) scans none of them.
+    assert index.candidates(-subjects[:1], indexed.subject_w, indexed.subject_b, floor).tolist() == []
 
 
 def test_appends_and_pops_keep_the_index_on_the_live_slots():
