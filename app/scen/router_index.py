@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,9 @@ class SubjectIndex:
         near, lists = self._ivf.quantizer.search(queries, self._ivf.nprobe)  # (Q, probes) each
         if s.probe_floor is not None:
             lists[near < s.probe_floor] = -1  # faiss skips list -1
-        _, _, found = self._ivf.range_search_preassigned(queries, floor - s.slack, lists, near)
+        # faiss' Python wrapper of the call, not the C++ signature its type stubs describe.
+        ivf: Any = self._ivf
+        _, _, found = ivf.range_search_preassigned(queries, floor - s.slack, lists, near)
         return torch.from_numpy(np.unique(found))
 
     def labels(self) -> torch.Tensor:
