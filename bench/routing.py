@@ -45,12 +45,13 @@ import json
 import random
 import resource
 import time
+import typing
 from pathlib import Path
 
 import torch
 from real_neurons import key_norms, load_keys, make_neurons, router_with
 
-from app.scen.config import ScenConfig
+from app.scen.config import ScenConfig, parse_value
 from app.scen.routed import Router, Routing, RoutingKeys
 from app.scen.router_index import IndexSettings
 
@@ -242,15 +243,14 @@ def main() -> None:
 
 def index_settings(overrides: list[str]) -> IndexSettings:
     """The default index settings with ``KEY=VALUE`` overrides (``none`` for an optional one)."""
-    settings = IndexSettings()
+    hints = typing.get_type_hints(IndexSettings)
+    changes = {}
     for item in overrides:
         key, _, raw = item.partition("=")
-        if key not in settings.__dataclass_fields__:
+        if key not in hints:
             raise SystemExit(f"unknown index setting {key!r}")
-        current = getattr(IndexSettings(), key)
-        value = None if raw.lower() == "none" else (float(raw) if current is None else type(current)(raw))
-        settings = dataclasses.replace(settings, **{key: value})
-    return settings
+        changes[key] = parse_value(raw, hints[key], key)
+    return dataclasses.replace(IndexSettings(), **changes)
 
 
 def _how() -> str:

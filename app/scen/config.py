@@ -136,11 +136,12 @@ class ScenConfig:
             if not sep or key not in hints:
                 known = ", ".join(f.name for f in dataclasses.fields(cls))
                 raise ValueError(f"bad setting {item!r}: expected key=value with key one of {known}")
-            changes[key] = _parse(raw.strip(), hints[key], key)
+            changes[key] = parse_value(raw.strip(), hints[key], key)
         return dataclasses.replace(base, **changes)
 
 
-def _parse(raw: str, hint, key: str):
+def parse_value(raw: str, hint, key: str):
+    """``raw`` as a value of the type ``hint`` (``none`` for an optional one); ValueError names ``key``."""
     args = typing.get_args(hint)
     if raw.lower() == "none" and type(None) in args:
         return None

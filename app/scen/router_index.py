@@ -111,7 +111,7 @@ class SubjectIndex:
         faiss.copy_array_to_vector(self._ranges(vectors), ivf.sq.trained)
         ivf.nprobe = s.probes
         # Threads share one token's clusters rather than taking tokens each: a prompt has a handful
-        # of tokens, and after the probe floor some scan far more than others.
+        # of tokens, and their clusters hold very different numbers of rows.
         ivf.parallel_mode = 1
         ivf.add_with_ids(vectors, self._labels(labels))
         self._ivf = ivf
