@@ -42,11 +42,11 @@ from sqlalchemy import func, insert, select
 
 from app.db import edits as repo
 from app.db.migrate import upgrade
-from app.db.models import Edit, StoredExpert
+from app.db.models import Edit, StoredExpert, StoredRouting
 from app.db.session import Database
 from app.scen.experts import new_expert
 from app.scen.routed import Neuron
-from app.scen.store import edit_bytes
+from app.scen.store import edit_bytes, routing_bytes
 from app.scen.training import TrainedEdit
 
 RESULTS = Path(__file__).parent / "results"
@@ -81,14 +81,11 @@ def edit_row(edit_id: str, edit: TrainedEdit, ref: str, sha: str, at: datetime) 
     }
 
 
-def stored_row(edit_id: str, data: bytes, sha: str, at: datetime) -> dict:
-    row = {"id": hashlib.md5(edit_id.encode()).hexdigest(), "edit_id": edit_id, "sha256": sha,
-           "size": len(data), "data": data, "created_at": at}
-    try:  # where the store keeps each edit's routing part apart from its expert
-        from app.scen.store import routing_bytes
-    except ImportError:
-        return row
-    return {**row, "routing": routing_bytes(data)}
+def stored_rows(edit_id: str, data: bytes, sha: str, at: datetime) -> tuple[dict, dict]:
+    """A ``stored_experts`` row and its ``stored_routing`` row."""
+    expert_id = hashlib.md5(edit_id.encode()).hexdigest()
+    return ({"id": expert_id, "edit_id": edit_id, "sha256": sha, "size": len(data), "data": data, "created_at": at},
+            {"expert_id": expert_id, "routing": routing_bytes(data)})
 
 
 def grow(data_dir: Path, n: int, store: str) -> int:
@@ -102,7 +99,7 @@ def grow(data_dir: Path, n: int, store: str) -> int:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     (data_dir / "experts").mkdir(parents=True, exist_ok=True)
     for first in range(have, n, CHUNK):
-        edits, stored = [], []
+        edits, stored, routing = [], [], []
         for i in range(first, min(n, first + CHUNK)):
             edit_id, edit = f"{i:032x}", synthetic_edit(i, g)
             data = edit_bytes(edit)
@@ -112,13 +109,15 @@ def grow(data_dir: Path, n: int, store: str) -> int:
                 ref = f"experts/{edit_id}.{sha[:8]}.safetensors"
                 (data_dir / ref).write_bytes(data)
             else:
-                row = stored_row(edit_id, data, sha, at)
+                row, part = stored_rows(edit_id, data, sha, at)
                 stored.append(row)
+                routing.append(part)
                 ref = f"db:{row['id']}"
             edits.append(edit_row(edit_id, edit, ref, sha, at))
         with db.session() as session:
             if stored:
                 session.execute(insert(StoredExpert), stored)
+                session.execute(insert(StoredRouting), routing)
             session.execute(insert(Edit), edits)
             session.commit()
     db.close()

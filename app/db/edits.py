@@ -24,7 +24,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.db.models import Edit, EditEvent, EditStatus, StoredExpert, utcnow
+from app.db.models import Edit, EditEvent, EditStatus, StoredExpert, StoredRouting, utcnow
 
 S = EditStatus
 
@@ -658,7 +658,9 @@ def store_expert(session: Session, edit_id: str, data: bytes, sha256: str, routi
     """Insert one attempt's edit file (and its routing part) under a new id, and return the id."""
     expert_id = uuid.uuid4().hex
     session.add(StoredExpert(id=expert_id, edit_id=edit_id, sha256=sha256, size=len(data), data=data,
-                             routing=routing, created_at=utcnow()))
+                             created_at=utcnow()))
+    if routing is not None:
+        session.add(StoredRouting(expert_id=expert_id, routing=routing))
     session.commit()
     return expert_id
 
@@ -680,13 +682,10 @@ def stored_routing(session: Session, expert_ids: Sequence[str]) -> dict[str, byt
     ids = list(expert_ids)
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
-        rows = session.execute(select(StoredExpert.id, StoredExpert.routing).where(StoredExpert.id.in_(chunk)))
-        whole = []
-        for expert_id, routing in rows:
-            if routing is None:
-                whole.append(expert_id)
-            else:
-                found[expert_id] = bytes(routing)
+        rows = session.execute(select(StoredRouting.expert_id, StoredRouting.routing)
+                               .where(StoredRouting.expert_id.in_(chunk)))
+        found |= {expert_id: bytes(routing) for expert_id, routing in rows}
+        whole = [expert_id for expert_id in chunk if expert_id not in found]
         if whole:
             files = session.execute(select(StoredExpert.id, StoredExpert.data).where(StoredExpert.id.in_(whole)))
             found |= {expert_id: bytes(data) for expert_id, data in files}
@@ -694,6 +693,7 @@ def stored_routing(session: Session, expert_ids: Sequence[str]) -> dict[str, byt
 
 
 def delete_stored_expert(session: Session, expert_id: str) -> None:
+    session.execute(delete(StoredRouting).where(StoredRouting.expert_id == expert_id))
     session.execute(delete(StoredExpert).where(StoredExpert.id == expert_id))
     session.commit()
 
@@ -704,5 +704,7 @@ def delete_stored_experts(session: Session, edit_id: str, keep: str | None = Non
     if keep is not None:
         where.append(StoredExpert.id != keep)
     ids = list(session.scalars(delete(StoredExpert).where(*where).returning(StoredExpert.id)))
+    if ids:
+        session.execute(delete(StoredRouting).where(StoredRouting.expert_id.in_(ids)))
     session.commit()
     return ids

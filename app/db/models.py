@@ -136,7 +136,18 @@ class StoredExpert(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
-    # The routing part of ``data`` (app.scen.store.routing_bytes), what a starting process reads
-    # of every live edit; null on rows stored before migration 0005, read whole instead.
-    routing: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class StoredRouting(Base):
+    """The routing part of a ``stored_experts`` row (app.scen.store.routing_bytes): what a
+    starting process reads of every live edit. A table of its own because SQLite keeps a row's
+    columns in one chain of pages: a column stored after ``data`` is reached only by reading
+    through the expert's bytes. A row stored before migration 0005 has none and is read whole.
+    """
+
+    __tablename__ = "stored_routing"
+
+    # Deleted with its row by app.db.edits, in the same transaction.
+    expert_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    routing: Mapped[bytes] = mapped_column(LargeBinary)

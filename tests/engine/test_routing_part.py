@@ -45,6 +45,9 @@ def test_routing_part_reads_without_the_expert(tmp_path, trained):
     for source in (data, routing_bytes(data)):
         assert same_routing(routing_from_bytes(source), trained)
     assert len(routing_bytes(data)) < len(data)
+    for broken in (routing_bytes(data)[:-100], b"x" * 64):
+        with pytest.raises(IntegrityError, match="not a readable edit file"):
+            routing_from_bytes(broken)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[:-100])
     with pytest.raises(IntegrityError, match="truncated"):

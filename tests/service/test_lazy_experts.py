@@ -96,7 +96,7 @@ def test_entries_stored_without_a_routing_part_still_load(settings):
         # As a row stored before migration 0005 has it.
         engine = sa.create_engine(settings.db_url)
         with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE stored_experts SET routing = NULL"))
+            conn.execute(sa.text("DELETE FROM stored_routing"))
         engine.dispose()
     with running(settings) as client:
         assert client.get(f"/edits/{edit_id}").json()["live"]
@@ -105,22 +105,38 @@ def test_entries_stored_without_a_routing_part_still_load(settings):
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])
-def test_migration_0005_keeps_stored_experts(db, request):
+def test_migrations_keep_stored_experts_and_their_routing_parts(db, request):
     url = request.getfixturevalue(f"{db}_url")
     upgrade("0004", url=url)
     engine = sa.create_engine(url)
-    row = {"i": "r1", "e": "e1", "s": "0" * 64, "n": 3, "d": b"abc", "t": "2026-01-01T00:00:00+00:00"}
+    row = {"e": "e1", "s": "0" * 64, "n": 3, "d": b"abc", "t": "2026-01-01T00:00:00+00:00"}
     insert = ("INSERT INTO stored_experts (id, edit_id, sha256, size, data, created_at) "
               "VALUES (:i, :e, :s, :n, :d, :t)")
+
+    def columns(table: str) -> set[str]:
+        return {c["name"] for c in sa.inspect(engine).get_columns(table)}
+
     try:
         with engine.begin() as conn:
-            conn.execute(sa.text(insert), row)
+            conn.execute(sa.text(insert), {**row, "i": "old"})  # stored before routing parts
+        upgrade("0005", url=url)
+        with engine.begin() as conn:
+            conn.execute(sa.text(insert), {**row, "i": "new"})
+            conn.execute(sa.text("UPDATE stored_experts SET routing = :r WHERE id = 'new'"), {"r": b"rt"})
         upgrade("head", url=url)
         with engine.begin() as conn:
-            assert tuple(conn.execute(sa.text("SELECT data, routing FROM stored_experts")).one()) == (b"abc", None)
+            assert conn.execute(sa.text("SELECT expert_id, routing FROM stored_routing")).all() == [("new", b"rt")]
+            assert sorted(conn.execute(sa.text("SELECT id, data FROM stored_experts")).all()) == [
+                ("new", b"abc"), ("old", b"abc")]
+        assert "routing" not in columns("stored_experts")
+        downgrade("0005", url)
+        with engine.begin() as conn:
+            assert sorted(conn.execute(sa.text("SELECT id, data, routing FROM stored_experts")).all()) == [
+                ("new", b"abc", b"rt"), ("old", b"abc", None)]
+        assert "stored_routing" not in sa.inspect(engine).get_table_names()
         downgrade("0004", url)
         with engine.begin() as conn:
-            assert conn.execute(sa.text("SELECT data FROM stored_experts")).scalar_one() == b"abc"
-        assert "routing" not in {c["name"] for c in sa.inspect(engine).get_columns("stored_experts")}
+            assert conn.execute(sa.text("SELECT count(*) FROM stored_experts")).scalar_one() == 2
+        assert "routing" not in columns("stored_experts")
     finally:
         engine.dispose()
