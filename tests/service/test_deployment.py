@@ -56,7 +56,8 @@ def test_cuda_variant_and_build_context():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "ARG TORCH_VARIANT=cpu" in dockerfile and "cuda)" in dockerfile
     # Built as the user that runs it, so the prepared cache is that user's.
-    assert dockerfile.index("USER scen") < dockerfile.index("RUN scen prepare") < dockerfile.index('VOLUME ["/data", "/cache"]')
+    order = [dockerfile.index(line) for line in ("USER scen", "RUN scen prepare", 'VOLUME ["/data", "/cache"]')]
+    assert order == sorted(order)
     gpu = compose("docker-compose.cuda.yml")["services"]
     for name in ("api", "worker"):
         assert gpu[name]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
