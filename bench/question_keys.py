@@ -11,8 +11,11 @@ input or the residual stream, at several layers, read at the last prompt token,
 averaged over the user's text, or averaged over the user's text less the subject.
 
 Reported per candidate: AUC (a rephrase nearer than a probe, over all pairs) and the
-share of probes above the cosine that keeps 90 % / 95 % of rephrases. Results go to
-bench/results/question_keys.json.
+share of probes above the cosine that keeps 90 % / 95 % of rephrases. The last layers read at
+the last token stand for what the model is about to answer (a rephrase should be answered
+alike, another question differently); each is also combined with the best single key, as the
+sum of the two cosines (each standardised on the rephrases) and as either one passing. Results
+go to bench/results/question_keys.json.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from app.scen.routed import KeyNorm, question_keys
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = ["zsre_mend_train_1k.json", "counterfact_dev_2k.json"]
-LAYERS = [4, 6, 8, 10, 14, 18, 22, 25]
+LAYERS = [4, 6, 8, 10, 14, 18, 22, 25, 27, 29]
 READS = ("last", "text", "text_less_subject")
 
 
@@ -86,20 +89,39 @@ def compare(lm, path: Path, n: int) -> list[dict]:
     pool_prompts = negatives.pool_prompts()
     pool = candidate_keys(lm, pool_prompts, [None] * len(pool_prompts))
     prompt, rephrase, probe = (candidate_keys(lm, [r[i] for r in rows], subjects) for i in range(3))
-    results = []
+    pairs: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for key in prompt:
         norm = KeyNorm(pool[key].shape[1])
         norm.fit(pool[key], shrinkage=0.1)
         a = norm(prompt[key])
-        near, far = (a * norm(rephrase[key])).sum(-1), (a * norm(probe[key])).sum(-1)
-        results.append({
-            "site": key[0], "layer": key[1], "read": key[2], "pairs": len(rows),
-            "auc": (near[:, None] > far[None, :]).float().mean().item(),
-            "probes_above_tpr90": (far >= near.quantile(0.10)).float().mean().item(),
-            "probes_above_tpr95": (far >= near.quantile(0.05)).float().mean().item(),
-            "rephrase_cos": near.mean().item(), "probe_cos": far.mean().item(),
-        })
-    return sorted(results, key=lambda r: -r["auc"])
+        pairs[key] = (a * norm(rephrase[key])).sum(-1), (a * norm(probe[key])).sum(-1)
+    results = sorted(({"site": k[0], "layer": k[1], "read": k[2], "pairs": len(rows), **separation(*v)}
+                      for k, v in pairs.items()), key=lambda r: -r["auc"])
+    best = results[0]
+    near, far = pairs[best["site"], best["layer"], best["read"]]
+    for key in pairs:
+        if key[2] != "last" or key[1] < 22:
+            continue
+        other_near, other_far = pairs[key]
+        (zn, zf), (on, of) = standardised(near, far), standardised(other_near, other_far)
+        for how, combined in (("sum", (zn + on, zf + of)), ("either", (torch.maximum(zn, on), torch.maximum(zf, of)))):
+            results.append({"site": f"{best['site']} L{best['layer']} {best['read']} {how}", "layer": key[1],
+                            "read": f"{key[0]} last", "pairs": len(rows), **separation(*combined)})
+    return results
+
+
+def separation(near: torch.Tensor, far: torch.Tensor) -> dict:
+    """How well cosines to rephrases (``near``) stand above those to probes (``far``)."""
+    return {
+        "auc": (near[:, None] > far[None, :]).float().mean().item(),
+        "probes_above_tpr90": (far >= near.quantile(0.10)).float().mean().item(),
+        "probes_above_tpr95": (far >= near.quantile(0.05)).float().mean().item(),
+        "rephrase_cos": near.mean().item(), "probe_cos": far.mean().item(),
+    }
+
+
+def standardised(near: torch.Tensor, far: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (near - near.mean()) / near.std(), (far - near.mean()) / near.std()
 
 
 def main() -> None:
@@ -110,7 +132,7 @@ def main() -> None:
     results = {name: compare(lm, DATA / name, args.records) for name in FILES}
     for name, rows in results.items():
         print(name)
-        for r in rows[:8]:
+        for r in [*rows[:8], *(r for r in rows if r["site"].endswith(("sum", "either")))]:
             print(f"  {r['site']:10s} L{r['layer']:<2d} {r['read']:17s} auc {r['auc']:.2f} "
                   f"probes above tpr90 {r['probes_above_tpr90']:.2f} tpr95 {r['probes_above_tpr95']:.2f}")
     out = Path("bench/results/question_keys.json")
