@@ -36,6 +36,7 @@ from app.models import LoadedModel
 from app.queue import EditQueue, QueueUnavailable
 from app.queue.pipe import PipeQueue, QueueServer
 from app.settings import Settings
+from workers import child
 from workers.metrics import WorkerMetrics
 from workers.worker import build_worker, worker_name
 
@@ -97,7 +98,7 @@ class WorkerProcess:
         ours, theirs = self._context.Pipe()
         s = self.settings
         process = self._context.Process(
-            target=child_main, name=f"scen-worker-{name}", daemon=True,
+            target=child.run, name=f"scen-worker-{name}", daemon=True,
             args=(s, theirs, name, self.loaded, s.embedded_worker_priority, s.worker_process_threads),
         )
         process.start()
@@ -207,7 +208,8 @@ class _RemoteWorkerMetrics:
 
 def child_main(settings: Settings, conn: Connection, name: str, loaded: LoadedModel | None,
                priority: str, threads: int) -> None:
-    """The worker process: its own model and live editor, the API's queue through ``conn``."""
+    """The worker process: its own model and live editor, the API's queue through ``conn``.
+    Started through ``workers.child.run``, which ignores SIGINT first."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -216,8 +218,6 @@ def child_main(settings: Settings, conn: Connection, name: str, loaded: LoadedMo
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
-    # Ctrl-C reaches the whole process group; the API process decides when this one stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     lower_priority(priority)
     import torch
 

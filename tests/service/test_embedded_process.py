@@ -10,12 +10,13 @@ import multiprocessing
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
 from app.db import edits as repo
 from app.db.session import Database
-from tests.service.conftest import make_settings, running, wait_status
+from tests.service.conftest import make_settings, running, wait_for, wait_status
 from workers.process import lower_priority
 
 # A fresh interpreter importing torch and building its editor: slow on a busy machine.
@@ -24,6 +25,13 @@ START_S = 240
 
 def worker_processes() -> list:
     return [p for p in multiprocessing.active_children() if p.name.startswith("scen-worker-")]
+
+
+def ignores_sigint(pid: int) -> bool:
+    """Whether the process ignores SIGINT, as Linux reports it (the SigIgn mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(ignored & (1 << (signal.SIGINT - 1)))
 
 
 def post(client, prompt: str, target: str) -> str:
@@ -39,6 +47,11 @@ def test_worker_process_trains_survives_a_kill_and_stops_with_the_server(sqlite_
     with running(settings) as client:
         [child] = worker_processes()
         assert child.pid != os.getpid()
+        # A Ctrl-C in the terminal reaches the child too, most likely while it still imports
+        # torch: it is ignored from the child's first line on, and this same child trains the
+        # first edit.
+        assert wait_for(lambda: ignores_sigint(child.pid), 30)
+        os.kill(child.pid, signal.SIGINT)
         first = post(client, "Who wrote Hamlet?", "Marlowe")
         edit = wait_status(client, first, {"active", "failed"}, timeout=START_S)
         assert edit["status"] == "active" and edit["live"], edit
