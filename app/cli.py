@@ -263,7 +263,8 @@ def eval_(
     generation: Annotated[bool, typer.Option(help="Also measure free greedy generation (slower).")] = True,
     sample: Annotated[
         int,
-        typer.Option(help="Generation and sweeps past this many edits measure a seeded sample of this size; 0: all."),
+        typer.Option(help="Generation, sweeps and the routing snapshot past this many edits measure a seeded "
+                           "sample of this size; 0: all."),
     ] = 300,
     jobs: Annotated[
         int, typer.Option(min=1, help="Run the methods in this many processes side by side (faster on a CPU).")

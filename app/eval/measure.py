@@ -177,21 +177,28 @@ def train_summary(per_edit: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def routing_snapshot(method: EditMethod, records: Sequence[EditRecord], limit: int = 40) -> dict[str, Any]:
-    """Top routing score of every edit prompt, rephrase and locality prompt, plus a small
-    prompts-by-edits block of scores for the heatmap."""
-    prompts = {
+def routing_snapshot(
+    method: EditMethod, records: Sequence[EditRecord], plan: EvalPlan, limit: int = 40
+) -> dict[str, Any]:
+    """Top routing score of each edit prompt, rephrase and locality prompt of the run's sample
+    (``EvalPlan.sample``: reading every prompt of a 1,000-edit run took minutes), plus a
+    prompts-by-edits block of scores of the first ``limit`` edits for the heatmap."""
+    measured = sampled(records, plan.sample, plan.seed)
+    out: dict[str, Any] = {"top": {}, "heatmap": {}}
+    for group, prompts in _snapshot_prompts(measured).items():
+        scores = method.routing_scores(prompts) if prompts else None
+        if scores is not None and scores.shape[1]:
+            out["top"][group] = scores.max(-1).values.tolist()
+    for group, prompts in _snapshot_prompts(records[:limit]).items():
+        scores = method.routing_scores(prompts) if prompts else None
+        if scores is not None and scores.shape[1]:
+            out["heatmap"][group] = scores[:, :limit].tolist()
+    return out if out["top"] else {}
+
+
+def _snapshot_prompts(records: Sequence[EditRecord]) -> dict[str, list[str]]:
+    return {
         "edit": [r.prompt for r in records],
         "rephrase": [p for r in records for p in r.rephrases[:1]],
         "locality": [p for r in records for p, _ in r.locality[:1]],
     }
-    out: dict[str, Any] = {"top": {}, "heatmap": {}}
-    for group, texts in prompts.items():
-        if not texts:
-            continue
-        scores = method.routing_scores(texts)
-        if scores is None or scores.shape[1] == 0:
-            return {}
-        out["top"][group] = scores.max(-1).values.tolist()
-        out["heatmap"][group] = scores[:limit, :limit].tolist()
-    return out

@@ -27,9 +27,9 @@ class EvalPlan:
     model: str | None = None
     batch_size: int = 16
     generation: bool = True
-    # Free generation and sweeps at a checkpoint past this many edits measure a seeded sample
-    # of this many of its edits (the same sample for every method); teacher-forced metrics
-    # always cover every edit. 0 measures every edit.
+    # Free generation, sweeps and the routing snapshot past this many edits measure a seeded
+    # sample of this many of the edits (the same sample for every method); teacher-forced
+    # metrics always cover every edit. 0 measures every edit.
     sample: int = 300
     resume: bool = False
     # Options of the baselines, "method.key=value" (e.g. "grace.epsilon=3").

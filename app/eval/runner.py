@@ -68,7 +68,7 @@ def run(plan: EvalPlan, lm: LoadedModel | None = None, on_checkpoint: OnCheckpoi
         if plan.sweeps:
             results["sweeps"][name] = run_sweeps(method, edited, reference, plan, lm.model)
         if method.routes:
-            results.setdefault("routing", {})[name] = routing_snapshot(method, edited)
+            results.setdefault("routing", {})[name] = routing_snapshot(method, edited, plan)
         write_json(results, plan.out)
         method.close()
     return results

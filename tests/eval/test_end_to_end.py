@@ -41,7 +41,7 @@ def test_scen_end_to_end_on_tiny_model(tmp_path):
     out = tmp_path / "results.json"
     plan = EvalPlan(
         dataset=mend_file(tmp_path), checkpoints=[2, 4], seed=1, out=out,
-        overrides=["layer=2", "expert_lr=1e-2"],
+        overrides=["layer=2", "expert_lr=1e-2"], sample=3,
     )
     results = run(plan, lm=tiny_model("llama"))
     on_disk = json.loads(out.read_text())
@@ -57,6 +57,10 @@ def test_scen_end_to_end_on_tiny_model(tmp_path):
     # Converged edits on a model that routes them: the edit prompt is reproduced exactly.
     assert m["reliability"] == 1.0 and m["generation_exact_match"] == 1.0
     assert m["counts"] == {"edits": 4, "rephrases": 4, "locality": 4}
+    # The routing snapshot reads the sample's prompts; its heatmap, the first edits in order.
+    snapshot = on_disk["routing"]["scen"]
+    assert {group: len(top) for group, top in snapshot["top"].items()} == {"edit": 3, "rephrase": 3, "locality": 3}
+    assert [len(row) for row in snapshot["heatmap"]["edit"]] == [4] * 4
     assert m["skipped"] == {"generality": 0, "locality": 0}
     assert [c["edits"] for c in on_disk["checkpoints"]] == [2, 4]
     assert on_disk["checkpoints"][1]["methods"]["scen"] == m
