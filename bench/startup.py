@@ -14,10 +14,10 @@ The edits are written as a worker leaves them: one edit file per edit in the exp
 ``stored_experts`` row and its ``stored_routing`` row) and one ``edits`` row, ``active``, with
 its reference and sha256, in a SQLite database migrated to head. Their tensors are random,
 of the bundled model's real shapes (SmolLM2-135M: d = 576, keys of 1536 at every layer), with
-one rephrase each. Experts are
-low-rank (``expert=lowrank``, rank 8: 68 KB a file): a full expert is 3.5 MB, 350 GB for 100,000
-edits, more than the machine's disk. Files are written without the worker's fsync (the bytes
-and names are the same), and no ``edit_events`` rows are written: start-up reads neither.
+one rephrase each. Experts are low-rank (``expert=lowrank``, rank 8: 68 KB a file): a full
+expert is 3.5 MB, 350 GB for 100,000 edits, more than the machine's disk. Files are written
+without the worker's fsync (the bytes and names are the same), and no ``edit_events`` rows are
+written: start-up reads neither.
 
 ``--measure DIR`` is the child's side: it prints one JSON line. ``--code DIR`` runs the child
 with ``DIR`` first on ``PYTHONPATH``, to time another checkout of ``app`` on the same data
