@@ -50,9 +50,9 @@ class IndexSettings:
     probes: int = 16
     # Of those, only the clusters whose mean direction the token's key meets at this cosine or
     # more: a token far from every cluster scans few or none. At 100,000 real-key neurons 0.1
-    # left 70 % of the rows to scan (routing 9.0 ms a prompt against 9.8 ms, 42 ms a batch of 8
-    # against 50) with recall unchanged (0.9875), but at 10,000 it missed 3 more of 800 probes
-    # (0.9937); 0.15 scanned 47 % (7.6 ms, 35 ms; recall 0.985). None: all ``probes``.
+    # left 70 % of the rows to scan (a batch of 8 in 26 ms against 32; batch 1 unchanged at
+    # about 5.7 ms) with recall unchanged (0.9875), but at 10,000 it missed 3 more of 800 probes
+    # (0.9937); 0.15 scanned 47 % (5.2 ms, 23 ms; recall 0.985). None: all ``probes``.
     probe_floor: float | None = None
     # Rows scoring up to this many logits under the bound are candidates too: 8-bit codes
     # misplace a score by far less than this, and a false candidate only costs its exact check.
