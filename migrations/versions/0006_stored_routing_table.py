@@ -17,6 +17,12 @@ branch_labels = None
 depends_on = None
 
 
+def _drops_columns_in_place() -> bool:
+    # SQLite drops a column by rewriting the table: with 100,000 stored experts (14.5 GB) that
+    # took 12 minutes and 56 GB of disk. There the old column stays, no longer read or written.
+    return op.get_bind().dialect.name != "sqlite"
+
+
 def upgrade() -> None:
     op.create_table(
         "stored_routing",
@@ -25,13 +31,13 @@ def upgrade() -> None:
     )
     op.execute("INSERT INTO stored_routing (expert_id, routing) "
                "SELECT id, routing FROM stored_experts WHERE routing IS NOT NULL")
-    with op.batch_alter_table("stored_experts") as batch:
-        batch.drop_column("routing")
+    if _drops_columns_in_place():
+        op.drop_column("stored_experts", "routing")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("stored_experts") as batch:
-        batch.add_column(sa.Column("routing", sa.LargeBinary(), nullable=True))
+    if _drops_columns_in_place():
+        op.add_column("stored_experts", sa.Column("routing", sa.LargeBinary(), nullable=True))
     op.execute("UPDATE stored_experts SET routing = "
                "(SELECT routing FROM stored_routing WHERE stored_routing.expert_id = stored_experts.id)")
     op.drop_table("stored_routing")
