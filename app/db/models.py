@@ -137,6 +137,8 @@ class StoredExpert(Base):
     size: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # On SQLite the table also keeps migration 0005's ``routing`` column, unused since 0006
+    # (dropping it would rewrite every expert): StoredRouting holds the routing parts.
 
 
 class StoredRouting(Base):
