@@ -183,22 +183,21 @@ def routing_snapshot(
     """Top routing score of each edit prompt, rephrase and locality prompt of the run's sample
     (``EvalPlan.sample``: reading every prompt of a 1,000-edit run took minutes), plus a
     prompts-by-edits block of scores of the first ``limit`` edits for the heatmap."""
-    measured = sampled(records, plan.sample, plan.seed)
-    out: dict[str, Any] = {"top": {}, "heatmap": {}}
-    for group, prompts in _snapshot_prompts(measured).items():
-        scores = method.routing_scores(prompts) if prompts else None
-        if scores is not None and scores.shape[1]:
-            out["top"][group] = scores.max(-1).values.tolist()
-    for group, prompts in _snapshot_prompts(records[:limit]).items():
-        scores = method.routing_scores(prompts) if prompts else None
-        if scores is not None and scores.shape[1]:
-            out["heatmap"][group] = scores[:, :limit].tolist()
-    return out if out["top"] else {}
+    top = {group: scores.max(-1).values.tolist()
+           for group, scores in _snapshot_scores(method, sampled(records, plan.sample, plan.seed))}
+    heatmap = {group: scores[:, :limit].tolist() for group, scores in _snapshot_scores(method, records[:limit])}
+    return {"top": top, "heatmap": heatmap} if top else {}
 
 
-def _snapshot_prompts(records: Sequence[EditRecord]) -> dict[str, list[str]]:
-    return {
+def _snapshot_scores(method: EditMethod, records: Sequence[EditRecord]):
+    """(group, routing scores (prompts, edits)) of the records' edit prompts, first rephrases and
+    first locality prompts; groups with no prompt or no edit to score are left out."""
+    groups = {
         "edit": [r.prompt for r in records],
         "rephrase": [p for r in records for p in r.rephrases[:1]],
         "locality": [p for r in records for p, _ in r.locality[:1]],
     }
+    for group, prompts in groups.items():
+        scores = method.routing_scores(prompts) if prompts else None
+        if scores is not None and scores.shape[1]:
+            yield group, scores
