@@ -92,9 +92,11 @@ def fingerprint(loaded: LoadedModel, config: ScenConfig) -> Fingerprint:
     tokenizer = loaded.tokenizer
     pool = [prompt_ids(tokenizer, p) for p in negatives.pool_prompts()]
     questions = [prompt_ids(tokenizer, q) for q, _ in negatives.generic_questions()]
+    reworded = [prompt_ids(tokenizer, q) for group in negatives.rephrasing_groups() for q, _ in group]
     norm = hashlib.sha256(json.dumps({
         "pool_keys": keycache.VERSION, "layers": layers, "subject_factor": config.subject_factor,
-        "key_shrinkage": config.key_shrinkage, "pool": pool, "questions": questions,
+        "key_shrinkage": config.key_shrinkage, "rephrase_invariance": config.rephrase_invariance,
+        "pool": pool, "questions": questions, "reworded": reworded,
     }, sort_keys=True).encode())
     return Fingerprint(loaded.name, weights.hexdigest(), layers, norm.hexdigest())
 

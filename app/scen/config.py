@@ -103,6 +103,10 @@ class ScenConfig:
     # Shrinkage of the pool covariance used to whiten keys (the pool is far
     # smaller than the key size, so the raw estimate is singular).
     key_shrinkage: float = 0.1
+    # How far the relation keys discount what rewording a question changes (0: not at all,
+    # the pool's whitening alone), learnt from generic questions in several wordings
+    # (``rephrasings.txt``, ``KeyNorm.discount``).
+    rephrase_invariance: float = 0.2
 
     # Request limits, in tokens.
     max_prompt_tokens: int = 512

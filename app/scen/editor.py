@@ -128,6 +128,8 @@ class Editor:
         self._pool = self._pool_keys_cached(cache_dir)
         self.routed.router.subject_norm.fit(self._pool.subject, self.config.key_shrinkage)
         self.routed.router.relation_norm.fit(self._pool.relation, self.config.key_shrinkage)
+        if self.config.rephrase_invariance > 0:
+            self.routed.router.relation_norm.discount(self._pool.rephrasings, self.config.rephrase_invariance)
         # Every edit trains against the pool: normalise it once.
         router = self.routed.router
         self._pool_normal = PoolKeys(
@@ -475,17 +477,18 @@ class Editor:
         if cache_dir is None or self.device.type != "cpu":
             return self._pool_keys(prompts)
         questions = [q for q, _ in negatives.generic_questions()]
+        reworded = [q for group in negatives.rephrasing_groups() for q, _ in group]
         key = keycache.fingerprint(
-            self.model, [prompt_ids(self.tokenizer, p) for p in [*prompts, *questions]],
+            self.model, [prompt_ids(self.tokenizer, p) for p in [*prompts, *questions, *reworded]],
             f"{self.subject_layer},{self.relation_layer},{self.layer},pooled={self.routed.router.pooled}",
         )
         cached = keycache.load(Path(cache_dir), key)
-        names = {"subject", "relation", "questions"}
-        if cached is None or set(cached) != names or len(cached["relation"]) != len(prompts):
+        names = [f.name for f in dataclasses.fields(PoolKeys)]
+        if cached is None or set(cached) != set(names) or len(cached["relation"]) != len(prompts):
             pool = self._pool_keys(prompts)
             keycache.save(Path(cache_dir), key, {n: getattr(pool, n) for n in names})
             return pool
-        return PoolKeys(*(cached[n].to(self.device) for n in ("subject", "relation", "questions")))
+        return PoolKeys(*(cached[n].to(self.device) for n in names))
 
     def _pool_keys(self, prompts: Sequence[str]) -> PoolKeys:
         with torch.no_grad():
@@ -495,7 +498,12 @@ class Editor:
                 subject.append(rec.subject[batch.content])
                 relation.append(self._read_relation(batch, rec.relation, chunk))
             questions = self._relation_keys(negatives.generic_questions())
-            return PoolKeys(torch.cat(subject), torch.cat(relation), questions)
+            groups = negatives.rephrasing_groups()
+            reworded = self._relation_keys([q for group in groups for q in group])
+            # Each wording less its group's mean key.
+            sizes = [len(group) for group in groups]
+            rephrasings = torch.cat([k - k.mean(0) for k in reworded.split(sizes)])
+            return PoolKeys(torch.cat(subject), torch.cat(relation), questions, rephrasings)
 
 
 _IN_CACHE = InCache()

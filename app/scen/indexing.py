@@ -28,7 +28,7 @@ stays flat however many edits are live.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +52,9 @@ class PoolKeys:
     # the entity left out: other questions, negatives of every edit's relation factor unless
     # they ask its own.
     questions: torch.Tensor  # (Q, h)
+    # Relation keys of generic questions in several wordings, each less the mean key of its
+    # wordings: what rewording a question changes (``KeyNorm.discount``); raw keys only.
+    rephrasings: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # (P, h)
 
 
 @dataclass

@@ -12,7 +12,8 @@ against one kind:
   negatives of every edit's relation factor.
 
 The fillers (``entities.txt``, ``relations.txt``) are fixed, generic lists that
-ship with the package.
+ship with the package, as is ``rephrasings.txt`` (one question in several wordings per
+group), from which the relation keys learn what a rewording changes.
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def generic_questions(per_template: int = 3) -> list[tuple[str, str]]:
     entities = _lines("entities.txt")
     step = max(1, len(entities) // per_template)
     return [(t.format(e), e) for t in _lines("relations.txt") for e in entities[::step][:per_template]]
+
+
+def rephrasing_groups(per_group: int = 3) -> list[list[tuple[str, str]]]:
+    """Groups of one question in several wordings (``rephrasings.txt``), each group asked about
+    ``per_group`` fixed entities in turn: [(question, entity), ...] per group and entity."""
+    text = resources.files("app.scen").joinpath("rephrasings.txt").read_text(encoding="utf-8")
+    templates = [[line.strip() for line in block.splitlines() if line.strip()] for block in text.split("\n\n")]
+    entities = _lines("entities.txt")
+    step = max(1, len(entities) // per_group)
+    groups = []
+    for g, group in enumerate(t for t in templates if t):
+        for j in range(per_group):
+            entity = entities[(g + j * step) % len(entities)]
+            groups.append([(t.format(entity), entity) for t in group])
+    return groups
 
 
 def infer_subject(tokens: PromptTokens, novelty: list[float]) -> tuple[int, str]:

@@ -119,6 +119,27 @@ class KeyNorm(nn.Module):
             self.whiten = whiten.float()
             self.basis, self.scale = torch.zeros(0, h, device=device), torch.zeros(0, device=device)
 
+    @torch.no_grad()
+    def discount(self, variation: torch.Tensor, weight: float) -> None:
+        """Weigh down the directions in which rewording a question moves its key.
+
+        ``variation`` (N, h): raw keys of questions, each less the mean key of its wordings
+        (the same question worded otherwise, ``negatives.rephrasing_groups``). After whitening,
+        their covariance ``C`` says which directions a rewording moves; the map is followed by
+        ``(weight C + (1 - weight) m I)^(-1/2)``, m the mean of C's diagonal, so those directions
+        count for less in a cosine and the rest, what tells one question from another, for more.
+        The map becomes dense."""
+        d = self.whitened(variation.to(self.center.device)).double()
+        C = d.T @ d / max(1, len(d))
+        C = weight * C + (1 - weight) * C.diagonal().mean() * torch.eye(len(C), dtype=C.dtype, device=C.device)
+        e, V = torch.linalg.eigh(C)
+        rescale = (V * e.clamp_min(1e-12).rsqrt()) @ V.T
+        # Scaled to keep the map's mean gain: only directions change weight, not the key's size.
+        rescale /= rescale.diagonal().mean()
+        self.whiten = (self.matrix().double() @ rescale).float()
+        self.basis = torch.zeros(0, len(self.center), device=self.center.device)
+        self.scale = torch.zeros(0, device=self.center.device)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The saved form sets the buffers' shapes.
         for name in ("whiten", "basis", "scale"):
