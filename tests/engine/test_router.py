@@ -39,6 +39,32 @@ def test_both_forms_whiten_alike_and_survive_a_state_dict(n, form):
     assert torch.equal(copy.whitened(keys), norm.whitened(keys))
 
 
+def test_discounting_rewordings_brings_wordings_together_and_keeps_questions_apart():
+    torch.manual_seed(0)
+    h = 32
+    norm = KeyNorm(h)
+    norm.fit(torch.randn(400, h), shrinkage=0.1)
+    # Rewording moves a key along the first 4 coordinates; the questions differ in the rest.
+    wording = torch.zeros(h)
+    wording[:4] = 1.0
+    question, other = torch.randn(h), torch.randn(h)
+    variation = torch.randn(300, 1) * wording
+    before = KeyNorm(h)
+    before.load_state_dict(norm.state_dict())
+    norm.discount(variation, weight=0.5)
+    assert norm.whiten.shape == (h, h) and norm.basis.numel() == 0
+
+    def cos(n: KeyNorm, a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((n(a) * n(b)).sum())
+
+    reworded = question + 2 * wording
+    assert cos(norm, question, reworded) > cos(before, question, reworded) + 0.1
+    assert cos(norm, question, other) == pytest.approx(cos(before, question, other), abs=0.1)
+    copy = KeyNorm(h)
+    copy.load_state_dict(norm.state_dict())
+    assert torch.equal(copy.whitened(question), norm.whitened(question))
+
+
 def test_pool_keys_are_cached_per_model_and_reused(tmp_path):
     from app.scen import Editor, ScenConfig
     from tests.utils.tiny_models import tiny_model
@@ -69,7 +95,7 @@ def _pool():
 
 
 def _same(a, b) -> bool:
-    return torch.equal(a.subject, b.subject) and torch.equal(a.relation, b.relation)
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("subject", "relation", "questions", "rephrasings"))
 
 
 def test_relation_factor_reads_the_question_less_the_subject_where_the_subject_factor_peaks():
