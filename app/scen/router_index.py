@@ -81,6 +81,7 @@ class SubjectIndex:
         self.d = _ALIGN * math.ceil((h + 1) / _ALIGN)
         self.settings = settings
         self._ivf: faiss.IndexIVFScalarQuantizer | None = None
+        self._centroids = torch.zeros(0, self.d)  # (d, nlist): the clusters' unit mean directions
 
     def build(self, w: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> None:
         """Cluster and store the rows ``w`` (N, h), ``b`` (N,) under ``labels`` (N,)."""
@@ -115,6 +116,9 @@ class SubjectIndex:
         ivf.parallel_mode = 1
         ivf.add_with_ids(vectors, self._labels(labels))
         self._ivf = ivf
+        # Choosing a prompt's clusters is one small product: torch's matmul and topk do it in
+        # about a third of the time of the flat quantizer's search at 20 tokens and 781 clusters.
+        self._centroids = torch.from_numpy(quantizer.reconstruct_n(0, nlist)).T.contiguous()
 
     @property
     def built(self) -> bool:
@@ -139,15 +143,15 @@ class SubjectIndex:
         if not len(keys):
             return torch.zeros(0, dtype=torch.long)
         s = self.settings
-        queries = np.zeros((len(keys), self.d), dtype=np.float32)
-        queries[:, : self.h] = keys.detach().float().cpu().numpy()
+        queries = torch.zeros(len(keys), self.d)
+        queries[:, : self.h] = keys.detach().float().cpu()
         queries[:, self.h] = 1.0
-        near, lists = self._ivf.quantizer.search(queries, self._ivf.nprobe)  # (Q, probes) each
+        near, lists = (queries @ self._centroids).topk(min(self._ivf.nprobe, self._centroids.shape[1]), dim=1)
         if s.probe_floor is not None:
             lists[near < s.probe_floor] = -1  # faiss skips list -1
         # faiss' Python wrapper of the call, not the C++ signature its type stubs describe.
         ivf: Any = self._ivf
-        _, _, found = ivf.range_search_preassigned(queries, floor - s.slack, lists, near)
+        _, _, found = ivf.range_search_preassigned(queries.numpy(), floor - s.slack, lists.numpy(), near.numpy())
         return torch.from_numpy(np.unique(found))
 
     def labels(self) -> torch.Tensor:

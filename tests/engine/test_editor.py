@@ -56,6 +56,17 @@ def test_edit_is_learned_and_routed(arch):
     assert token_accuracy(editor, prompt, target) == 1.0
 
 
+def test_relation_keys_discounting_rewordings_still_route_each_edit_to_its_prompt():
+    editor = make_editor(rephrase_invariance=0.2)
+    norm = editor.routed.router.relation_norm
+    assert norm.whiten.shape == (norm.center.shape[0],) * 2  # the composed map is dense
+    for i, (prompt, target) in enumerate(EDITS[:2]):
+        assert editor.add(f"e{i}", editor.train(prompt, target))
+    for i, (prompt, target) in enumerate(EDITS[:2]):
+        assert editor.generate([prompt], max_new_tokens=1)[0].edit_id == f"e{i}"
+        assert token_accuracy(editor, prompt, target) == 1.0
+
+
 def test_a_low_rank_edit_keeps_its_full_deltas_leading_part_and_answers_its_target():
     full, low = make_editor(), make_editor(expert="lowrank", rank=4)
     prompt, target = EDITS[0]
