@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from app.scen.blas import core_for
 from app.scen.routed import Neuron, Router, RoutingKeys
-from app.scen.router_index import IndexSettings
+from app.scen.router_index import IndexSettings, SubjectIndex
 
 H_S, H, T = 64, 32, 8
 # Every router reads all neurons from 0 up; small clusters so that a few hundred rows fill many.
@@ -73,6 +73,25 @@ def test_indexed_routing_decides_as_the_full_product_on_planted_matches(index):
     routed = want.slots >= 0
     assert torch.allclose(got.activations[routed], want.activations[routed])
     assert len(indexed.index.stored_labels()) == 360
+
+
+@pytest.mark.parametrize("h", [46, 48, 62, 64, 576, 1536])  # the rows' width in blocks of 16: odd and even
+def test_the_index_finds_exactly_the_rows_above_the_bound_when_every_cluster_is_scanned(h):
+    g = torch.Generator().manual_seed(h)
+    n = 200
+    w, b = 20 * unit(n, h, g=g), -8.0 + torch.randn(n, generator=g)
+    index = SubjectIndex(h, IndexSettings(min_neurons=0, rows_per_list=8, probes=4096, slack=0.0))
+    index.build(w, b, torch.arange(n) * 3)
+    # Keys near a few rows, so that some scores pass the bound and most do not.
+    keys = F.normalize(w[:6] / 20 + 0.05 * unit(6, h, g=g), dim=-1)
+    scores = keys @ w.T + b  # (6, n)
+    for bound in (-2.0, 0.0, 2.0):
+        # Rows within the 8-bit codes' precision of the bound may fall either way (the bias's
+        # code alone is 32/255 logit wide here).
+        sure = (scores > bound + 0.25).any(0).nonzero().flatten() * 3
+        possible = set(((scores > bound - 0.25).any(0).nonzero().flatten() * 3).tolist())
+        found = index.search(keys, bound)
+        assert set(sure.tolist()) <= set(found.tolist()) <= possible
 
 
 def test_a_token_scans_only_clusters_its_key_meets_at_the_probe_floor():
