@@ -157,7 +157,11 @@ class SubjectIndex:
     def _codes(self, vectors: np.ndarray) -> np.ndarray:
         """Rows (N, d) as the 8-bit codes of ``_ranges``, held as floats for faiss (it stores each
         as a byte): ``value ~ low + (code + 0.5) * step``."""
-        codes = np.clip(np.floor((vectors - self._low) / self._step), 0, 255).astype(np.float32)
+        # In place: at 100,000 rows each temporary would be another 600 MB.
+        codes = vectors - self._low
+        codes /= self._step
+        np.floor(codes, out=codes)
+        np.clip(codes, 0, 255, out=codes)
         codes[:, self._offset] = 1.0
         return codes
 
