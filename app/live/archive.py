@@ -16,8 +16,9 @@ An expert reads the edited layer's key and its neuron reads whitened keys of the
 relation layers, so an edit only means something to the same weights, the same layers and the
 same key normalisation. The fingerprint names all three: a sha256 of every weight; the layer
 numbers; and a sha256 of what the normalisation is fitted from (the routing pool's prompts as
-this tokenizer encodes them, the layers read, the subject factor and the shrinkage). It is
-computed, not measured, so two machines agree on it whatever their floating-point quirks.
+this tokenizer encodes them, the layers read, the subject factor, the shrinkage and any
+discount of rewording). It is computed, not measured, so two machines agree on it whatever
+their floating-point quirks.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Fingerprint:
                     "(SCEN_ENGINE layer settings)")
         if self.key_normalisation_sha256 != here.key_normalisation_sha256:
             return ("the edits' keys were normalised differently (routing pool, tokenizer or the subject_factor / "
-                    f"key_shrinkage settings): {self.key_normalisation_sha256[:16]}... here "
+                    f"key_shrinkage / rephrase_invariance settings): {self.key_normalisation_sha256[:16]}... here "
                     f"{here.key_normalisation_sha256[:16]}...")
         return None
 
@@ -92,12 +93,15 @@ def fingerprint(loaded: LoadedModel, config: ScenConfig) -> Fingerprint:
     tokenizer = loaded.tokenizer
     pool = [prompt_ids(tokenizer, p) for p in negatives.pool_prompts()]
     questions = [prompt_ids(tokenizer, q) for q, _ in negatives.generic_questions()]
-    reworded = [prompt_ids(tokenizer, q) for group in negatives.rephrasing_groups() for q, _ in group]
-    norm = hashlib.sha256(json.dumps({
+    fitted_from = {
         "pool_keys": keycache.VERSION, "layers": layers, "subject_factor": config.subject_factor,
-        "key_shrinkage": config.key_shrinkage, "rephrase_invariance": config.rephrase_invariance,
-        "pool": pool, "questions": questions, "reworded": reworded,
-    }, sort_keys=True).encode())
+        "key_shrinkage": config.key_shrinkage, "pool": pool, "questions": questions,
+    }
+    if config.rephrase_invariance > 0:  # named only when used: archives made without it still match
+        fitted_from["rephrase_invariance"] = config.rephrase_invariance
+        groups = negatives.rephrasing_groups()
+        fitted_from["reworded"] = [prompt_ids(tokenizer, q) for group in groups for q, _ in group]
+    norm = hashlib.sha256(json.dumps(fitted_from, sort_keys=True).encode())
     return Fingerprint(loaded.name, weights.hexdigest(), layers, norm.hexdigest())
 
 

@@ -26,7 +26,7 @@ from app.scen.store import write_atomic
 
 log = logging.getLogger(__name__)
 
-VERSION = "pool-keys/4"
+VERSION = "pool-keys/3"
 
 
 def fingerprint(model: nn.Module, rows: Sequence[Sequence[int]], layers: str) -> str:
