@@ -14,8 +14,10 @@ Reported per candidate: AUC (a rephrase nearer than a probe, over all pairs) and
 share of probes above the cosine that keeps 90 % / 95 % of rephrases. The last layers read at
 the last token stand for what the model is about to answer (a rephrase should be answered
 alike, another question differently); each is also combined with the best single key, as the
-sum of the two cosines (each standardised on the rephrases) and as either one passing. Results
-go to bench/results/question_keys.json.
+sum of the two cosines (each standardised on the rephrases) and as either one passing. The
+engine's question key is also read with rewording discounted (``rephrase_invariance``, learnt
+from ``app/scen/rephrasings.txt``) at weights 0.2, 0.5 and 0.9. Results go to
+bench/results/question_keys.json.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = ["zsre_mend_train_1k.json", "counterfact_dev_2k.json"]
 LAYERS = [4, 6, 8, 10, 14, 18, 22, 25, 27, 29]
 READS = ("last", "text", "text_less_subject")
+QUESTION_KEY = ("down_input", 6, "text_less_subject")  # the engine's relation key
 
 
 @torch.no_grad()
@@ -97,6 +100,7 @@ def compare(lm, path: Path, n: int) -> list[dict]:
         pairs[key] = (a * norm(rephrase[key])).sum(-1), (a * norm(probe[key])).sum(-1)
     results = sorted(({"site": k[0], "layer": k[1], "read": k[2], "pairs": len(rows), **separation(*v)}
                       for k, v in pairs.items()), key=lambda r: -r["auc"])
+    results += discounted(lm, pool, prompt, rephrase, probe, len(rows))
     best = results[0]
     near, far = pairs[best["site"], best["layer"], best["read"]]
     for key in pairs:
@@ -108,6 +112,25 @@ def compare(lm, path: Path, n: int) -> list[dict]:
             results.append({"site": f"{best['site']} L{best['layer']} {best['read']} {how}", "layer": key[1],
                             "read": f"{key[0]} last", "pairs": len(rows), **separation(*combined)})
     return results
+
+
+def discounted(lm, pool, prompt, rephrase, probe, n: int) -> list[dict]:
+    """The engine's question key with rewording discounted (``KeyNorm.discount``, the setting
+    ``rephrase_invariance``) at a few weights."""
+    groups = negatives.rephrasing_groups()
+    flat = [q for group in groups for q in group]
+    reworded = candidate_keys(lm, [q for q, _ in flat], [e for _, e in flat])[QUESTION_KEY]
+    variation = torch.cat([k - k.mean(0) for k in reworded.split([len(g) for g in groups])])
+    out = []
+    for weight in (0.2, 0.5, 0.9):
+        norm = KeyNorm(pool[QUESTION_KEY].shape[1])
+        norm.fit(pool[QUESTION_KEY], shrinkage=0.1)
+        norm.discount(variation, weight)
+        a = norm(prompt[QUESTION_KEY])
+        near, far = (a * norm(rephrase[QUESTION_KEY])).sum(-1), (a * norm(probe[QUESTION_KEY])).sum(-1)
+        out.append({"site": f"down_input rewording discounted w={weight}", "layer": 6, "read": "text_less_subject",
+                    "pairs": n, **separation(near, far)})
+    return out
 
 
 def separation(near: torch.Tensor, far: torch.Tensor) -> dict:
@@ -132,7 +155,7 @@ def main() -> None:
     results = {name: compare(lm, DATA / name, args.records) for name in FILES}
     for name, rows in results.items():
         print(name)
-        for r in [*rows[:8], *(r for r in rows if r["site"].endswith(("sum", "either")))]:
+        for r in [*rows[:8], *(r for r in rows if r["site"].endswith(("sum", "either")) or "discounted" in r["site"])]:
             print(f"  {r['site']:10s} L{r['layer']:<2d} {r['read']:17s} auc {r['auc']:.2f} "
                   f"probes above tpr90 {r['probes_above_tpr90']:.2f} tpr95 {r['probes_above_tpr95']:.2f}")
     out = Path("bench/results/question_keys.json")

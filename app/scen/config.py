@@ -106,7 +106,7 @@ class ScenConfig:
     # How far the relation keys discount what rewording a question changes (0: not at all,
     # the pool's whitening alone), learnt from generic questions in several wordings
     # (``rephrasings.txt``, ``KeyNorm.discount``). Off by default: at 0.2 it separated ZsRE's
-    # rephrases from same-subject questions better on key cosines (AUC 0.962 -> 0.974), but
+    # rephrases from same-subject questions better on key cosines (AUC 0.966 -> 0.977), but
     # in trained edits it left ZsRE unchanged and made CounterFact stricter, paraphrases and
     # neighbours alike (bench/results/specificity/README.md), and the relation map turns dense.
     rephrase_invariance: float = 0.0
