@@ -477,18 +477,22 @@ class Editor:
         if cache_dir is None or self.device.type != "cpu":
             return self._pool_keys(prompts)
         questions = [q for q, _ in negatives.generic_questions()]
-        reworded = [q for group in negatives.rephrasing_groups() for q, _ in group]
+        reworded = [q for group in self._rephrasing_groups() for q, _ in group]
         key = keycache.fingerprint(
             self.model, [prompt_ids(self.tokenizer, p) for p in [*prompts, *questions, *reworded]],
             f"{self.subject_layer},{self.relation_layer},{self.layer},pooled={self.routed.router.pooled}",
         )
         cached = keycache.load(Path(cache_dir), key)
-        names = [f.name for f in dataclasses.fields(PoolKeys)]
+        names = ["subject", "relation", "questions", *(["rephrasings"] if reworded else [])]
         if cached is None or set(cached) != set(names) or len(cached["relation"]) != len(prompts):
             pool = self._pool_keys(prompts)
             keycache.save(Path(cache_dir), key, {n: getattr(pool, n) for n in names})
             return pool
-        return PoolKeys(*(cached[n].to(self.device) for n in names))
+        return PoolKeys(**{n: cached[n].to(self.device) for n in names})
+
+    def _rephrasing_groups(self) -> list[list[tuple[str, str]]]:
+        # Their keys cost four times the rest of the pool's: read only where they are used.
+        return negatives.rephrasing_groups() if self.config.rephrase_invariance > 0 else []
 
     def _pool_keys(self, prompts: Sequence[str]) -> PoolKeys:
         with torch.no_grad():
@@ -497,13 +501,13 @@ class Editor:
                 rec = self._record(batch)
                 subject.append(rec.subject[batch.content])
                 relation.append(self._read_relation(batch, rec.relation, chunk))
-            questions = self._relation_keys(negatives.generic_questions())
-            groups = negatives.rephrasing_groups()
-            reworded = self._relation_keys([q for group in groups for q in group])
-            # Each wording less its group's mean key.
-            sizes = [len(group) for group in groups]
-            rephrasings = torch.cat([k - k.mean(0) for k in reworded.split(sizes)])
-            return PoolKeys(torch.cat(subject), torch.cat(relation), questions, rephrasings)
+            pool = PoolKeys(torch.cat(subject), torch.cat(relation), self._relation_keys(negatives.generic_questions()))
+            groups = self._rephrasing_groups()
+            if groups:
+                reworded = self._relation_keys([q for group in groups for q in group])
+                # Each wording less its group's mean key.
+                pool.rephrasings = torch.cat([k - k.mean(0) for k in reworded.split([len(g) for g in groups])])
+            return pool
 
 
 _IN_CACHE = InCache()

@@ -82,6 +82,13 @@ def test_pool_keys_are_cached_per_model_and_reused(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 2 and not _same(c._pool, a._pool)
     Editor(tiny_model("llama").model, first.tokenizer, cfg.replace(layer=1), cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 3  # another layer
+    # The rewordings' keys are read, and cached apart, only where they are used.
+    assert a._pool.rephrasings.numel() == 0
+    reworded = cfg.replace(rephrase_invariance=0.2)
+    e = Editor(tiny_model("llama").model, first.tokenizer, reworded, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4 and e._pool.rephrasings.numel() > 0
+    f = Editor(tiny_model("llama").model, first.tokenizer, reworded, cache_dir=tmp_path)
+    assert _same(e._pool, f._pool) and len(list(tmp_path.glob("*.safetensors"))) == 4
     for f in tmp_path.glob("*.safetensors"):
         f.write_bytes(b"garbage")
     d = Editor(tiny_model("llama").model, first.tokenizer, cfg, cache_dir=tmp_path)  # unreadable: recomputed
