@@ -32,6 +32,14 @@ def _lines(name: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
+@functools.cache
+def _blocks(name: str) -> tuple[tuple[str, ...], ...]:
+    """The file's groups of lines, groups separated by blank lines."""
+    text = resources.files("app.scen").joinpath(name).read_text(encoding="utf-8")
+    blocks = (tuple(line.strip() for line in block.splitlines() if line.strip()) for block in text.split("\n\n"))
+    return tuple(b for b in blocks if b)
+
+
 def pool_prompts() -> list[str]:
     """Ordinary prompts no edit may fire on."""
     return list(_lines("pool.txt"))
@@ -66,12 +74,10 @@ def generic_questions(per_template: int = 3) -> list[tuple[str, str]]:
 def rephrasing_groups(per_group: int = 3) -> list[list[tuple[str, str]]]:
     """Groups of one question in several wordings (``rephrasings.txt``), each group asked about
     ``per_group`` fixed entities in turn: [(question, entity), ...] per group and entity."""
-    text = resources.files("app.scen").joinpath("rephrasings.txt").read_text(encoding="utf-8")
-    templates = [[line.strip() for line in block.splitlines() if line.strip()] for block in text.split("\n\n")]
     entities = _lines("entities.txt")
     step = max(1, len(entities) // per_group)
     groups = []
-    for g, group in enumerate(t for t in templates if t):
+    for g, group in enumerate(_blocks("rephrasings.txt")):
         for j in range(per_group):
             entity = entities[(g + j * step) % len(entities)]
             groups.append([(t.format(entity), entity) for t in group])

@@ -221,7 +221,6 @@ class SubjectIndex:
         lo, span = lo - span / 2, 2 * span
         lo[self.h] -= 16.0
         span[self.h] += 32.0
-        lo[self._offset], span[self._offset] = 0.0, 255.0  # no query reads it as a value (see search)
         return lo.astype(np.float32), np.maximum(span, 1e-6).astype(np.float32)
 
     def _rows(self, w: torch.Tensor, b: torch.Tensor) -> np.ndarray:
