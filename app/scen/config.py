@@ -105,10 +105,12 @@ class ScenConfig:
     key_shrinkage: float = 0.1
     # How far the relation keys discount what rewording a question changes (0: not at all,
     # the pool's whitening alone), learnt from generic questions in several wordings
-    # (``rephrasings.txt``, ``KeyNorm.discount``). Off by default: at 0.2 it separated ZsRE's
-    # rephrases from same-subject questions better on key cosines (AUC 0.966 -> 0.977), but
-    # in trained edits it left ZsRE unchanged and made CounterFact stricter, paraphrases and
-    # neighbours alike (bench/results/specificity/README.md), and the relation map turns dense.
+    # (``rephrasings.txt``, ``KeyNorm.discount``). Off by default. At 1,000 edits, 0.2
+    # with relation_margin -2.5 reached ZsRE generality 0.903 with 4 % of same-subject questions
+    # caught (0.897 and 8.6 % without it), but a hand-made neighbour ("Where is Globex
+    # Corporation headquartered?") is then answered by its chief executive's edit; at margin 0
+    # it makes CounterFact stricter, paraphrases and neighbours alike
+    # (bench/results/specificity/README.md). The relation map turns dense.
     rephrase_invariance: float = 0.0
 
     # Request limits, in tokens.
