@@ -483,7 +483,8 @@ class Editor:
             f"{self.subject_layer},{self.relation_layer},{self.layer},pooled={self.routed.router.pooled}",
         )
         cached = keycache.load(Path(cache_dir), key)
-        names = ["subject", "relation", "questions", *(["rephrasings"] if reworded else [])]
+        # Every field of PoolKeys, the rewordings' keys only where they are read.
+        names = [f.name for f in dataclasses.fields(PoolKeys) if reworded or f.name != "rephrasings"]
         if cached is None or set(cached) != set(names) or len(cached["relation"]) != len(prompts):
             pool = self._pool_keys(prompts)
             keycache.save(Path(cache_dir), key, {n: getattr(pool, n) for n in names})
