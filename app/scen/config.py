@@ -57,6 +57,8 @@ class ScenConfig:
     # The relation factor is read this much stricter at routing (negative: more lenient). Like
     # ``subject_margin`` it applies to stored edits and is swept without retraining.
     relation_margin: float = 0.0
+    # Adam's step size for the relation factor (None: ``neuron_lr``).
+    relation_lr: float | None = None
 
     # Stage 1, the expert. "full" trains a dense copy of W_down (the paper); "lowrank" keeps
     # that copy's change at rank r (``training.fit_expert``): 1/38 of the storage at r=8

@@ -334,13 +334,16 @@ class Editor:
     def activations(self, prompts: Sequence[str]) -> torch.Tensor:
         """Every live neuron's activation on each prompt, (n, E), columns in ``edit_ids`` order."""
         with self._lock:
-            parts = []
-            for chunk in _chunks(prompts, self.batch_size):
-                batch = encode(self.tokenizer, chunk).to(self.device)
-                rec = self._record(batch)
-                keys = RoutingKeys(rec.subject, batch.content, rec.relation, batch.prompt_last)
-                parts.append(self.routed.router.activations(keys).cpu())
+            parts = [self.routed.router.activations(self.routing_keys(chunk)).cpu()
+                     for chunk in _chunks(prompts, self.batch_size)]
             return torch.cat(parts)
+
+    @torch.no_grad()
+    def routing_keys(self, prompts: Sequence[str]) -> RoutingKeys:
+        """What the router reads of ``prompts`` (one padded batch); runs only up to the edited layer."""
+        batch = encode(self.tokenizer, prompts).to(self.device)
+        rec = self._record(batch)
+        return RoutingKeys(rec.subject, batch.content, rec.relation, batch.prompt_last)
 
     # ---- internals --------------------------------------------------------------------------
 

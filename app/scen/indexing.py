@@ -192,7 +192,7 @@ def two_factor_neuron(
         # supersedes, not a neighbour: it stays out of the negatives.
         _unlike(earlier.relation[alike[earlier.relation_owner]], r_pos[0], config.synthetic_max_cos),
     ])
-    wr, br = train_neuron(r_pos, r_neg, config, generator, init_bias=config.relation_init_bias)
+    wr, br = train_neuron(r_pos, r_neg, config, generator, init_bias=config.relation_init_bias, lr=config.relation_lr)
     return Neuron(ws, bs, wr, br, torch.tensor(length)), keys
 
 

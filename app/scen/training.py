@@ -156,7 +156,7 @@ def neuron_loss(a_pos: torch.Tensor, a_neg: torch.Tensor, config: ScenConfig) ->
 
 def train_neuron(
     positives: torch.Tensor, negatives: torch.Tensor, config: ScenConfig, generator: torch.Generator,
-    init_bias: float | None = None,
+    init_bias: float | None = None, lr: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indexing neuron (h,) and bias for normalised keys; ``positives`` (P, h), row 0 the edit prompt.
 
@@ -170,7 +170,7 @@ def train_neuron(
     bias = config.neuron_init_bias if init_bias is None else init_bias
     w = (positives[0] * config.neuron_init_scale).clone().requires_grad_(True)
     b = torch.tensor(bias, device=positives.device, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=config.neuron_lr)
+    opt = torch.optim.Adam([w, b], lr=config.neuron_lr if lr is None else lr)
     with torch.enable_grad():
         for _ in range(config.neuron_steps):
             loss = neuron_loss(torch.sigmoid(pos @ w + b), torch.sigmoid(negatives @ w + b), config)
