@@ -51,7 +51,8 @@ def write_table(path: Path, parts: Mapping[str, TrainedEdit]) -> None:
     for name in _KEYS:
         tensors[name] = torch.cat([getattr(e, name).cpu() for e in edits])
         tensors[f"{name}.rows"] = torch.tensor([len(getattr(e, name)) for e in edits], dtype=torch.long)
-    entries = [[ref, e.prompt, e.target, list(e.rephrases), e.subject, e.layer, e.metrics] for ref, e in parts.items()]
+    entries = [[ref, e.prompt, e.target, list(e.rephrases), e.subject, e.layer, e.metrics, e.relation_map]
+               for ref, e in parts.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -81,11 +82,12 @@ def read_table(path: Path) -> dict[str, TrainedEdit]:
     if any(len(t) != len(entries) for t in [*neurons, *keys.values()]):
         raise ValueError("entries and tensors differ in number")
     parts = {}
-    for i, (ref, prompt, target, rephrases, subject, layer, metrics) in enumerate(entries):
+    for i, (ref, prompt, target, rephrases, subject, layer, metrics, *relation_map) in enumerate(entries):
         parts[ref] = TrainedEdit(
             prompt=prompt, target=target, rephrases=tuple(rephrases), layer=layer, expert=NOT_LOADED,
             neuron=Neuron(*(t[i].clone() for t in neurons)), keys=keys["keys"][i],
             subject_keys=keys["subject_keys"][i], subject=subject, metrics=metrics,
+            relation_map=relation_map[0] if relation_map else "",  # tables written before it was kept
         )
     return parts
 

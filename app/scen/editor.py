@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
+import logging
 import os
 import random
 import threading
@@ -39,6 +42,7 @@ from app.scen.indexing import (
     PoolKeys,
     asks_the_same,
     paper_neuron,
+    refit_relation,
     routing_keys,
     subject_positives,
     two_factor_neuron,
@@ -48,6 +52,7 @@ from app.scen.prompts import Batch, check_limits, encode, prompt_ids, prompt_tok
 from app.scen.routed import Neuron, RoutedDown, Router, Routing, RoutingKeys, question_keys
 from app.scen.training import Timer, TrainedEdit, fit_expert
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Route:
@@ -136,6 +141,9 @@ class Editor:
             router.subject_norm(self._pool.subject), router.relation_norm(self._pool.relation),
             router.relation_norm(self._pool.questions),
         )
+        self.relation_map = self._relation_map_id(self.config.rephrase_invariance)
+        # Edits stored before the map was recorded were trained without the rewording discount.
+        self._legacy_relation_map = self._relation_map_id(0.0)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -229,7 +237,7 @@ class Editor:
             metrics["seconds"] = timer.seconds
         return TrainedEdit(
             prompt, target, rephrases, self.layer, expert, neuron, relation_keys.cpu(), subject_keys.cpu(),
-            subject, metrics,
+            subject, metrics, self.relation_map,
         )
 
     def add(self, edit_id: str, edit: TrainedEdit) -> bool:
@@ -239,6 +247,8 @@ class Editor:
         with self._lock:
             if edit_id in self._edits:
                 return False
+            if (edit.relation_map or self._legacy_relation_map) != self.relation_map:
+                edit = self._refit_relation(edit)
             # It takes over from the live edits it was found to cover when it was trained.
             overrides = [self._ids.index(i) for i in edit.metrics.get("overrides", ()) if i in self._edits]
             self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), overrides, edit_id)
@@ -272,8 +282,14 @@ class Editor:
                 self.remove(edit_id)
             added = [i for i in wanted if i not in self._edits]
             self.routed.router.reserve(len(self._ids) + len(added))
+            refit, timer = 0, Timer()
             for edit_id in added:
-                self.add(edit_id, load(edit_id))
+                edit = load(edit_id)
+                refit += (edit.relation_map or self._legacy_relation_map) != self.relation_map
+                self.add(edit_id, edit)
+            if refit:
+                log.info("%d edits trained under another relation map had their relation factor refit (%.1f s)",
+                         refit, timer.seconds)
             return added, removed
 
     # ---- inference ------------------------------------------------------------------------
@@ -444,6 +460,27 @@ class Editor:
             router, rec, subject_keys, self._pool_normal, other_subjects, earlier, cfg, self._generator
         )
         return neuron, subject_keys, relation_keys
+
+    def _relation_map_id(self, rephrase_invariance: float) -> str:
+        """Names what the relation keys' normalisation is fitted from (at ``rephrase_invariance``):
+        a neuron trained under another map reads its relation keys in another space."""
+        fitted_from: dict = {
+            "layer": self.relation_layer, "pooled": self.routed.router.pooled, "pool": negatives.pool_prompts(),
+            "questions": negatives.generic_questions(), "key_shrinkage": self.config.key_shrinkage,
+        }
+        if rephrase_invariance > 0:  # named only when used: the map without it keeps its name
+            fitted_from |= {"rephrase_invariance": rephrase_invariance, "reworded": negatives.rephrasing_groups()}
+        return hashlib.sha256(json.dumps(fitted_from, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _refit_relation(self, edit: TrainedEdit) -> TrainedEdit:
+        """``edit`` with its relation factor trained again under this editor's relation map, against
+        the edits live now (see ``indexing.refit_relation``). Deterministic for an edit and its place."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        with torch.no_grad():
+            neuron = refit_relation(
+                self.routed.router, edit, self._pool_normal, self._earlier_keys(), self.config, generator
+            )
+        return dataclasses.replace(edit, neuron=neuron, relation_map=self.relation_map)
 
     def _earlier_keys(self) -> EarlierKeys:
         """The live edits' keys, normalised: kept between trainings and extended by the edits

@@ -134,11 +134,18 @@ def paper_neuron(
 ) -> tuple[Neuron, torch.Tensor]:
     """The neuron and the raw relation keys (R, h) it was trained on; ``pool``: already normalised."""
     keys = routing_keys(rec).last()
-    r_pos = router.relation_norm(keys)
-    earlier_keys = _nearest(earlier.relation, r_pos[0], config.earlier_negatives)
-    w, b = train_neuron(r_pos, torch.cat([pool.relation, earlier_keys]), config, generator)
+    w, b = _paper_relation(router, keys, pool, earlier, config, generator)
     h_s = rec.subject.shape[-1]
     return Neuron(w.new_zeros(h_s), w.new_tensor(_ALWAYS), w, b, torch.tensor(0)), keys
+
+
+def _paper_relation(
+    router: Router, keys: torch.Tensor, pool: PoolKeys, earlier: EarlierKeys, config: ScenConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r_pos = router.relation_norm(keys)
+    earlier_keys = _nearest(earlier.relation, r_pos[0], config.earlier_negatives)
+    return train_neuron(r_pos, torch.cat([pool.relation, earlier_keys]), config, generator)
 
 
 def subject_positives(router: Router, rec: EditRecording, config: ScenConfig) -> torch.Tensor:
@@ -159,14 +166,13 @@ def two_factor_neuron(
 
     ``subject_keys``: from ``subject_positives``; ``pool``: already normalised;
     ``other_subjects``: raw subject keys (M, h_s) of the prompt with other subjects."""
-    s_norm, r_norm = router.subject_norm, router.relation_norm
+    s_norm = router.subject_norm
     s_pos = s_norm(subject_keys)  # (R, h_s)
     # A rephrase that does not name the subject (a pronoun, say) gives no subject positive.
     s_pos = s_pos[(s_pos @ s_pos[0]) >= config.same_subject_cos]
 
     own = ~rec.subject_span & rec.content[0]
-    # (N,) earlier edits of this subject, by their own subject key
-    alike = (earlier.subject @ s_pos[0])[earlier.first_subject_rows()] >= config.same_subject_cos
+    alike = _same_subject(earlier, s_pos[0], config)
     others = earlier.subject[~alike[earlier.subject_owner]]
     s_neg = torch.cat([
         pool.subject,
@@ -184,7 +190,22 @@ def two_factor_neuron(
     window = subject_window(peaks, torch.tensor(length, device=peaks.device), rec.content.shape[1])
     keep = rec.content & ~window  # (R, T)
     keys = question_keys(rec.relation, keep)  # (R, h)
-    r_pos = r_norm(keys)
+    wr, br = _relation_factor(router, keys, alike, pool, earlier, config, generator)
+    return Neuron(ws, bs, wr, br, torch.tensor(length)), keys
+
+
+def _same_subject(earlier: EarlierKeys, subject: torch.Tensor, config: ScenConfig) -> torch.Tensor:
+    """(N,) bool: the earlier edits about the subject with normalised key ``subject``, by their own subject key."""
+    return (earlier.subject @ subject)[earlier.first_subject_rows()] >= config.same_subject_cos
+
+
+def _relation_factor(
+    router: Router, keys: torch.Tensor, alike: torch.Tensor, pool: PoolKeys, earlier: EarlierKeys,
+    config: ScenConfig, generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The relation factor's weights and bias from the raw question keys (R, h) of the prompt and
+    rephrases; ``alike`` (N,): the earlier edits about the same subject."""
+    r_pos = router.relation_norm(keys)
     r_neg = torch.cat([
         pool.relation,
         _unlike(pool.questions, r_pos[0], config.synthetic_max_cos),
@@ -192,8 +213,25 @@ def two_factor_neuron(
         # supersedes, not a neighbour: it stays out of the negatives.
         _unlike(earlier.relation[alike[earlier.relation_owner]], r_pos[0], config.synthetic_max_cos),
     ])
-    wr, br = train_neuron(r_pos, r_neg, config, generator, init_bias=config.relation_init_bias, lr=config.relation_lr)
-    return Neuron(ws, bs, wr, br, torch.tensor(length)), keys
+    return train_neuron(r_pos, r_neg, config, generator, init_bias=config.relation_init_bias, lr=config.relation_lr)
+
+
+def refit_relation(
+    router: Router, edit: TrainedEdit, pool: PoolKeys, earlier: EarlierKeys, config: ScenConfig,
+    generator: torch.Generator,
+) -> Neuron:
+    """``edit``'s neuron with its relation factor trained again from the raw keys it keeps, as the
+    router now reads relation keys: for an edit trained under another relation map (another
+    ``rephrase_invariance``, say), whose stored factor would be read in the wrong space. The
+    subject factor is kept. ``pool``: already normalised; ``earlier``: the edits live before it."""
+    device = pool.relation.device
+    n, keys = edit.neuron.to(device), edit.keys.to(device)
+    if not config.subject_factor or edit.subject is None:
+        wr, br = _paper_relation(router, keys, pool, earlier, config, generator)
+    else:
+        alike = _same_subject(earlier, router.subject_norm(edit.subject_keys[:1].to(device))[0], config)
+        wr, br = _relation_factor(router, keys, alike, pool, earlier, config, generator)
+    return Neuron(n.subject, n.subject_bias, wr, br, n.subject_len)
 
 
 def _run_length(span: torch.Tensor, end: int) -> int:

@@ -58,6 +58,7 @@ def edit_bytes(edit: TrainedEdit) -> bytes:
         "layer": str(edit.layer),
         "expert_kind": edit.expert.kind,
         "metrics": json.dumps(edit.metrics),
+        "relation_map": edit.relation_map,
     }
     return st_save(tensors, metadata=metadata)
 
@@ -203,6 +204,7 @@ def _edit(meta: dict[str, str], tensors: dict[str, torch.Tensor], expert: Expert
         subject_keys=tensors["subject_keys"],
         subject=json.loads(meta["subject"]),
         metrics=json.loads(meta["metrics"]),
+        relation_map=meta.get("relation_map", ""),
     )
 
 

@@ -41,6 +41,9 @@ class TrainedEdit:
     subject_keys: torch.Tensor  # (1 + len(rephrases), h_s) raw subject keys, where each names the subject
     subject: str | None = None  # as given, or as inferred from the prompt
     metrics: dict = field(default_factory=dict)
+    # Names the relation keys' normalisation the neuron's relation factor was trained under
+    # (``Editor.relation_map``); "" for edits stored before it was recorded.
+    relation_map: str = ""
 
 
 def _jitter(x: torch.Tensor, clean: int, noise: float, generator: torch.Generator) -> torch.Tensor:

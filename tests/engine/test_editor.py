@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,6 +67,29 @@ def test_relation_keys_discounting_rewordings_still_route_each_edit_to_its_promp
     for i, (prompt, target) in enumerate(EDITS[:2]):
         assert editor.generate([prompt], max_new_tokens=1)[0].edit_id == f"e{i}"
         assert token_accuracy(editor, prompt, target) == 1.0
+
+
+def test_edits_trained_under_another_relation_map_are_refit_as_they_come_live_and_route_as_before():
+    plain, discounted = make_editor(), make_editor(rephrase_invariance=0.2)
+    assert plain.relation_map != discounted.relation_map
+    trained = {f"e{i}": plain.train(prompt, target) for i, (prompt, target) in enumerate(EDITS[:2])}
+    # An edit stored before the map was recorded was trained without the discount.
+    trained["e1"] = dataclasses.replace(trained["e1"], relation_map="")
+    assert all(e.relation_map in (plain.relation_map, "") for e in trained.values())
+
+    discounted.sync(list(trained), trained.__getitem__)
+    for i, (edit_id, edit) in enumerate(trained.items()):
+        refit = discounted.routing_part(edit_id)
+        assert refit.relation_map == discounted.relation_map
+        assert torch.equal(refit.neuron.subject, edit.neuron.subject)  # only the relation factor is trained again
+        assert not torch.equal(refit.neuron.relation, edit.neuron.relation)
+        prompt, target = EDITS[i]
+        assert discounted.generate([prompt], max_new_tokens=1)[0].edit_id == edit_id
+        assert token_accuracy(discounted, prompt, target) == 1.0
+    # Under the editor's own map (recorded, or unrecorded and without the discount) nothing is refit.
+    again = make_editor()
+    again.sync(list(trained), trained.__getitem__)
+    assert all(torch.equal(again.routing_part(i).neuron.relation, e.neuron.relation) for i, e in trained.items())
 
 
 def test_a_low_rank_edit_keeps_its_full_deltas_leading_part_and_answers_its_target():

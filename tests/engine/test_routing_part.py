@@ -26,8 +26,8 @@ def trained() -> TrainedEdit:
 
 
 def same_routing(a: TrainedEdit, b: TrainedEdit) -> bool:
-    return ((a.prompt, a.target, a.rephrases, a.layer, a.subject, a.metrics)
-            == (b.prompt, b.target, b.rephrases, b.layer, b.subject, b.metrics)
+    return ((a.prompt, a.target, a.rephrases, a.layer, a.subject, a.metrics, a.relation_map)
+            == (b.prompt, b.target, b.rephrases, b.layer, b.subject, b.metrics, b.relation_map)
             and torch.equal(a.keys, b.keys) and torch.equal(a.subject_keys, b.subject_keys)
             and torch.equal(a.neuron.relation, b.neuron.relation) and torch.equal(a.neuron.subject, b.neuron.subject))
 
@@ -37,7 +37,7 @@ def test_routing_part_reads_without_the_expert(tmp_path, trained):
     sha = save_edit(trained, path)
     path.write_bytes(damage_expert(path.read_bytes()))
     part = load_routing(path)
-    assert part.expert is NOT_LOADED and same_routing(part, trained)
+    assert part.expert is NOT_LOADED and same_routing(part, trained) and part.relation_map
     # The expert's damage shows once the whole file is read, checked.
     with pytest.raises(IntegrityError, match="sha256 is"):
         load_edit(path, sha)

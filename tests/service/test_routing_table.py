@@ -53,8 +53,8 @@ def same_part(a: TrainedEdit, b: TrainedEdit) -> bool:
     neurons = all(torch.equal(getattr(a.neuron, f.name), getattr(b.neuron, f.name))
                   for f in dataclasses.fields(a.neuron))
     return (neurons and torch.equal(a.keys, b.keys) and torch.equal(a.subject_keys, b.subject_keys)
-            and (a.prompt, a.target, a.rephrases, a.subject, a.layer, a.metrics)
-            == (b.prompt, b.target, b.rephrases, b.subject, b.layer, b.metrics))
+            and (a.prompt, a.target, a.rephrases, a.subject, a.layer, a.metrics, a.relation_map)
+            == (b.prompt, b.target, b.rephrases, b.subject, b.layer, b.metrics, b.relation_map))
 
 
 def test_a_table_reads_back_what_was_written(tmp_path, trained):
