@@ -395,9 +395,15 @@ class Editor:
         return torch.cat(parts) if parts else torch.zeros(0, h_s, device=self.device)
 
     def _relation_keys(self, texts: Sequence[tuple[str, str | None]]) -> torch.Tensor:
-        """Relation keys (n, h_r) of (prompt, entity) pairs as routing reads them (``_read_relation``)."""
-        parts = [self._read_relation(batch, self._record(batch).relation, chunk)
-                 for chunk, batch in self._batches(texts)]
+        """Relation keys (n, h_r) of (prompt, entity) pairs as routing reads them (``_read_relation``);
+        runs only up to the relation layer."""
+        parts = []
+        for chunk, batch in self._batches(texts):
+            with self.routed.bypassed():
+                _, [(relation, _)] = record(
+                    self.model, self.layers[self.relation_layer], [self._relation_down], batch.model_inputs()
+                )
+            parts.append(self._read_relation(batch, relation, chunk))
         h_r = self.adapter.down_weight(self._relation_down).shape[1]
         return torch.cat(parts) if parts else torch.zeros(0, h_r, device=self.device)
 
