@@ -76,7 +76,7 @@ class Fingerprint:
                     "(SCEN_ENGINE layer settings)")
         if self.key_normalisation_sha256 != here.key_normalisation_sha256:
             return ("the edits' keys were normalised differently (routing pool, tokenizer or the subject_factor / "
-                    f"key_shrinkage / rephrase_invariance settings): {self.key_normalisation_sha256[:16]}... here "
+                    f"key_shrinkage settings): {self.key_normalisation_sha256[:16]}... here "
                     f"{here.key_normalisation_sha256[:16]}...")
         return None
 
@@ -97,10 +97,8 @@ def fingerprint(loaded: LoadedModel, config: ScenConfig) -> Fingerprint:
         "pool_keys": keycache.VERSION, "layers": layers, "subject_factor": config.subject_factor,
         "key_shrinkage": config.key_shrinkage, "pool": pool, "questions": questions,
     }
-    if config.rephrase_invariance > 0:  # named only when used: archives made without it still match
-        fitted_from["rephrase_invariance"] = config.rephrase_invariance
-        groups = negatives.rephrasing_groups()
-        fitted_from["reworded"] = [prompt_ids(tokenizer, q) for group in groups for q, _ in group]
+    # The rewording discount is left out: it changes the relation map alone, and an edit trained
+    # under another relation map has its relation factor refit as it comes live (Editor.add).
     norm = hashlib.sha256(json.dumps(fitted_from, sort_keys=True).encode())
     return Fingerprint(loaded.name, weights.hexdigest(), layers, norm.hexdigest())
 
