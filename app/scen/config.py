@@ -55,10 +55,18 @@ class ScenConfig:
     # same-subject probes; on CounterFact -5 kept the neighbourhood prompts routed at 3 %, -4 at 5 %.
     relation_init_bias: float = -5.0
     # The relation factor is read this much stricter at routing (negative: more lenient). Like
-    # ``subject_margin`` it applies to stored edits and is swept without retraining.
-    relation_margin: float = 0.0
-    # Adam's step size for the relation factor (None: ``neuron_lr``).
-    relation_lr: float | None = None
+    # ``subject_margin`` it applies to stored edits and is swept without retraining. With the
+    # rewording discount below, -2.5 reaches the rephrases the discount brings closer
+    # (bench/results/specificity/README.md).
+    relation_margin: float = -2.5
+    # Adam's step size for the relation factor (None: ``neuron_lr``). Read leniently, a factor
+    # trained at 1e-3 barely moves off its starting cap and keeps firing on questions it was
+    # trained against: "Where is Globex Corporation headquartered?" reached the chief
+    # executive's edit at 0.785. 3e-3 pushes those known negatives below theta (0.61) and keeps
+    # the rephrases; 1e-2 also tightens the cap around the prompt, losing rephrases (ZsRE, 300
+    # edits, routing only: 0.80 of rephrases reached with 4.7 % of same-subject questions caught,
+    # against 0.83 and 5.3 % at 1e-3; bench/routing_probes.py).
+    relation_lr: float | None = 3e-3
 
     # Stage 1, the expert. "full" trains a dense copy of W_down (the paper); "lowrank" keeps
     # that copy's change at rank r (``training.fit_expert``): 1/38 of the storage at r=8
@@ -107,13 +115,12 @@ class ScenConfig:
     key_shrinkage: float = 0.1
     # How far the relation keys discount what rewording a question changes (0: not at all,
     # the pool's whitening alone), learnt from generic questions in several wordings
-    # (``rephrasings.txt``, ``KeyNorm.discount``). Off by default. At 1,000 edits, 0.2
-    # with relation_margin -2.5 reached ZsRE generality 0.903 with 4 % of same-subject questions
-    # caught (0.897 and 8.6 % without it), but a hand-made neighbour ("Where is Globex
-    # Corporation headquartered?") is then answered by its chief executive's edit; at margin 0
-    # it makes CounterFact stricter, paraphrases and neighbours alike
-    # (bench/results/specificity/README.md). The relation map turns dense.
-    rephrase_invariance: float = 0.0
+    # (``rephrasings.txt``, ``KeyNorm.discount``). At 1,000 edits with relation_margin -2.5,
+    # 0.2 reached ZsRE generality 0.903 with 4 % of same-subject questions caught, 0 reached
+    # 0.897 with 8.6 % (bench/results/specificity/README.md). The relation map turns dense.
+    # Stored edits trained under another value have their relation factor refit as they come
+    # live (``Editor.add``).
+    rephrase_invariance: float = 0.2
 
     # Request limits, in tokens.
     max_prompt_tokens: int = 512

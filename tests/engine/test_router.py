@@ -69,7 +69,7 @@ def test_pool_keys_are_cached_per_model_and_reused(tmp_path):
     from app.scen import Editor, ScenConfig
     from tests.utils.tiny_models import tiny_model
 
-    cfg = ScenConfig(layer=2)
+    cfg = ScenConfig(layer=2, rephrase_invariance=0.0)
     first = tiny_model("llama")
     a = Editor(first.model, first.tokenizer, cfg, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1

@@ -50,8 +50,11 @@ def served(tmp_path_factory):
     """The app on a free port, its model live with one edit: (base URL, edit id, app)."""
     tmp = tmp_path_factory.mktemp("openai")
     # Earlier turns move a tiny random model's subject keys further than the subject margin allows;
-    # these tests are about which message routes, so the subject factor is read without it.
-    settings = make_settings(tmp, f"sqlite:///{tmp / 'scen.db'}", batch_window_ms=50, engine=["subject_margin=0"])
+    # these tests are about which message routes, so the subject factor is read without it, and
+    # the relation factor without the default's leniency, which lets an unrelated question through
+    # on random keys.
+    settings = make_settings(tmp, f"sqlite:///{tmp / 'scen.db'}", batch_window_ms=50,
+                             engine=["subject_margin=0", "relation_margin=0"])
     app = create_app(settings, loaded_model=tiny_model("llama"))
     with _Server(app) as server:
         base = f"http://127.0.0.1:{server.port}"
