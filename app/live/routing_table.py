@@ -123,7 +123,8 @@ class RoutingTable:
 
     def keep(self, parts: Callable[[], Mapping[str, TrainedEdit]], read_from_store: int) -> None:
         """Write ``parts()`` (every live edit's, by reference) as the new table, in the
-        background, if ``read_from_store`` parts had to be read without it."""
+        background, if ``read_from_store`` parts had to be read without it (or were refit as
+        they came live: the table then keeps them refit)."""
         if self.rewrite_after is None or read_from_store < self.rewrite_after or self.writing:
             return
         live = dict(parts())

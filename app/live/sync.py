@@ -85,6 +85,7 @@ class LiveSync:
             with self._failed_lock:
                 failed, self._failed = self._failed, {}
             current = set(self.editor.edit_ids)
+            refits = self.editor.refits
             loaded: dict[str, TrainedEdit] = {}
             wanted: list[str] = []
             unserved: dict[str, str] = {}
@@ -118,7 +119,9 @@ class LiveSync:
                     self.editor.provide_expert(edit_id, edit.expert)
             self._unserved = unserved
             if self.table is not None:
-                self.table.keep(self._live_parts, from_store)
+                # Parts refit under this deployment's relation map are worth a table of their own,
+                # as parts read from the store are: the next start then refits nothing.
+                self.table.keep(self._live_parts, from_store + self.editor.refits - refits)
         if behind:
             log.info("re-added %d live edits after the edits restored before them", len(behind))
         if added or removed:

@@ -110,6 +110,7 @@ class Editor:
         # The keys of the first len(...) live edits, normalised for training (see ``_earlier_keys``).
         self._earlier: EarlierKeys | None = None
         self._version = 0
+        self.refits = 0  # edits whose relation factor was refit as they came live (see ``add``)
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._rng = random.Random(self.config.seed)
         self._conversation_row = self.config.expert_in_conversation and bool(getattr(tokenizer, "chat_template", None))
@@ -249,6 +250,7 @@ class Editor:
                 return False
             if (edit.relation_map or self._legacy_relation_map) != self.relation_map:
                 edit = self._refit_relation(edit)
+                self.refits += 1
             # It takes over from the live edits it was found to cover when it was trained.
             overrides = [self._ids.index(i) for i in edit.metrics.get("overrides", ()) if i in self._edits]
             self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), overrides, edit_id)
@@ -282,14 +284,12 @@ class Editor:
                 self.remove(edit_id)
             added = [i for i in wanted if i not in self._edits]
             self.routed.router.reserve(len(self._ids) + len(added))
-            refit, timer = 0, Timer()
+            refits, timer = self.refits, Timer()
             for edit_id in added:
-                edit = load(edit_id)
-                refit += (edit.relation_map or self._legacy_relation_map) != self.relation_map
-                self.add(edit_id, edit)
-            if refit:
-                log.info("%d edits trained under another relation map had their relation factor refit (%.1f s)",
-                         refit, timer.seconds)
+                self.add(edit_id, load(edit_id))
+            if self.refits > refits:
+                log.info("%d edits trained under another relation map had their relation factor refit "
+                         "as %d came live in %.1f s", self.refits - refits, len(added), timer.seconds)
             return added, removed
 
     # ---- inference ------------------------------------------------------------------------

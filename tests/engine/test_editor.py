@@ -78,6 +78,7 @@ def test_edits_trained_under_another_relation_map_are_refit_as_they_come_live_an
     assert all(e.relation_map in (plain.relation_map, "") for e in trained.values())
 
     discounted.sync(list(trained), trained.__getitem__)
+    assert discounted.refits == 2
     for i, (edit_id, edit) in enumerate(trained.items()):
         refit = discounted.routing_part(edit_id)
         assert refit.relation_map == discounted.relation_map
@@ -89,6 +90,7 @@ def test_edits_trained_under_another_relation_map_are_refit_as_they_come_live_an
     # Under the editor's own map (recorded, or unrecorded and without the discount) nothing is refit.
     again = make_editor(rephrase_invariance=0.0)
     again.sync(list(trained), trained.__getitem__)
+    assert again.refits == 0
     assert all(torch.equal(again.routing_part(i).neuron.relation, e.neuron.relation) for i, e in trained.items())
 
 
