@@ -54,6 +54,7 @@ from app.scen.training import Timer, TrainedEdit, fit_expert
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Route:
     edit_id: str | None
