@@ -240,7 +240,7 @@ def router_with(neurons: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm:
     router.subject_norm, router.relation_norm = s_norm, r_norm
     for i in range(n):
         router.append(Neuron(neurons["w"][i], neurons["b"][i], neurons["r"][i], neurons["rb"][i],
-                             neurons["len"][i]))
+                             neurons["len"][i], torch.zeros_like(neurons["w"][i])))
     return router
 
 
@@ -263,7 +263,7 @@ def live_edits(neurons: dict, keys: dict, s_norm: KeyNorm, layer: int, rows: Seq
     edits = []
     for j, i in enumerate(at.tolist()):
         neuron = Neuron(neurons["w"][i].clone(), neurons["b"][i].clone(), neurons["r"][i].clone(),
-                        neurons["rb"][i].clone(), neurons["len"][i].clone())
+                        neurons["rb"][i].clone(), neurons["len"][i].clone(), torch.zeros_like(neurons["w"][i]))
         edits.append(TrainedEdit(f"synthetic edit {i}", "", (), layer, expert(i), neuron,
                                  question[j : j + 1].clone(), subject[j : j + 1].clone(), None, {}))
     return edits

@@ -25,7 +25,7 @@ H = 1536
 def neurons(n: int) -> list[Neuron]:
     g = torch.Generator().manual_seed(0)
     return [Neuron(torch.randn(H, generator=g), torch.randn((), generator=g), torch.randn(H, generator=g),
-                   torch.randn((), generator=g), torch.tensor(2)) for _ in range(n)]
+                   torch.randn((), generator=g), torch.tensor(2), torch.randn(H, generator=g)) for _ in range(n)]
 
 
 def ours(batch: list[Neuron]) -> float:

@@ -62,7 +62,7 @@ CHUNK = 2000
 def synthetic_edit(i: int, g: torch.Generator) -> TrainedEdit:
     rows = 1 + REPHRASES
     neuron = Neuron(torch.randn(H, generator=g), torch.tensor(-4.0), torch.randn(H, generator=g),
-                    torch.tensor(-4.0), torch.tensor(2))
+                    torch.tensor(-4.0), torch.tensor(2), torch.randn(H, generator=g))
     return TrainedEdit(
         prompt=f"Who founded Company {i}?", target=f"Founder {i}",
         rephrases=tuple(f"Which person founded Company {i}?" for _ in range(REPHRASES)),

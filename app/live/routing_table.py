@@ -75,7 +75,8 @@ def read_table(path: Path) -> dict[str, TrainedEdit]:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     entries = json.loads(meta["entries"])
-    neurons = [tensors[f"neuron.{name}"] for name in _NEURON]
+    stacked = Neuron.from_tensors(tensors)
+    neurons = [getattr(stacked, name) for name in _NEURON]
     # Each edit's tensors are copies of their own: views would keep the whole table's memory
     # alive for as long as any one edit stays live.
     keys = {name: [t.clone() for t in tensors[name].split(tensors[f"{name}.rows"].tolist())] for name in _KEYS}

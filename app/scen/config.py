@@ -33,6 +33,17 @@ class ScenConfig:
     # ZsRE's other-subject probes from 10.7 % to 0.1 %, rephrases unchanged; 5 lost a rephrase
     # that names its subject elsewhere in the sentence (bench/results/specificity/README.md).
     subject_margin: float = 3.0
+    # The subject factor reads the subject's last token, where names sharing it look alike
+    # ("Sonitpur district" fired on "Thanjavur district is located in", "Lucian Freud" on "Anna
+    # Freud"): most of what still leaked at 1,000 CounterFact edits. A prompt reaches an edit
+    # only where its tokens ending at the factor's peak, as many as the edit's subject has, also
+    # read as that subject as a whole: their summed keys' cosine with the edit's is at least this
+    # (0: unchecked). Read at routing. At 1,000 edits (routing only, relation_margin -2.5),
+    # 0.5 took CounterFact's neighbourhood prompts routed from 4.2 % to 2.0 % and its paraphrases
+    # reached from 26.2 % to 25.5 %, while ZsRE's rephrases reached rose from 81.0 % to 81.6 %
+    # (another edit sharing a last token no longer outbid their own); 0.6 cost CounterFact's
+    # paraphrases 2 points more for 0.5 point of neighbourhood (bench/results/specificity/README.md).
+    subject_span_cos: float = 0.5
     # Layer whose keys, averaged over the question less its subject, say what is asked (the
     # relation factor). None: a fifth of the depth (layer 6 of 30 on SmolLM2). On 200 records
     # of each development file this key told a paraphrase from another question about the same

@@ -127,7 +127,7 @@ class Editor:
         cfg = self.config
         router = Router(
             h_s, h_r, cfg.theta, pooled=cfg.subject_factor, subject_margin=cfg.subject_margin,
-            relation_margin=cfg.relation_margin, device=self.device,
+            relation_margin=cfg.relation_margin, subject_span_cos=cfg.subject_span_cos, device=self.device,
         )
         self.routed = RoutedDown(down, router, subject_down, relation_down)
         self._subject_down, self._relation_down = subject_down, relation_down

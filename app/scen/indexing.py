@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from app.scen.config import ScenConfig
 from app.scen.routed import Neuron, Router, RoutingKeys, question_keys, subject_window
@@ -136,7 +137,7 @@ def paper_neuron(
     keys = routing_keys(rec).last()
     w, b = _paper_relation(router, keys, pool, earlier, config, generator)
     h_s = rec.subject.shape[-1]
-    return Neuron(w.new_zeros(h_s), w.new_tensor(_ALWAYS), w, b, torch.tensor(0)), keys
+    return Neuron(w.new_zeros(h_s), w.new_tensor(_ALWAYS), w, b, torch.tensor(0), w.new_zeros(h_s)), keys
 
 
 def _paper_relation(
@@ -191,7 +192,8 @@ def two_factor_neuron(
     keep = rec.content & ~window  # (R, T)
     keys = question_keys(rec.relation, keep)  # (R, h)
     wr, br = _relation_factor(router, keys, alike, pool, earlier, config, generator)
-    return Neuron(ws, bs, wr, br, torch.tensor(length)), keys
+    span = F.normalize(s_norm(rec.subject[0][window[0]]).sum(0), dim=-1)  # the whole name, as Router reads it
+    return Neuron(ws, bs, wr, br, torch.tensor(length), span), keys
 
 
 def _same_subject(earlier: EarlierKeys, subject: torch.Tensor, config: ScenConfig) -> torch.Tensor:
@@ -231,7 +233,7 @@ def refit_relation(
     else:
         alike = _same_subject(earlier, router.subject_norm(edit.subject_keys[:1].to(device))[0], config)
         wr, br = _relation_factor(router, keys, alike, pool, earlier, config, generator)
-    return Neuron(n.subject, n.subject_bias, wr, br, n.subject_len)
+    return Neuron(n.subject, n.subject_bias, wr, br, n.subject_len, n.subject_span)
 
 
 def _run_length(span: torch.Tensor, end: int) -> int:

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +54,21 @@ class Neuron:
     relation: torch.Tensor  # (h,) fires on the question asked (see Router)
     relation_bias: torch.Tensor  # ()
     subject_len: torch.Tensor  # () long, the subject's length in tokens: left out of the question's key
+    # (h_s,) the edit's subject as a whole: its tokens' normalised subject keys summed, unit length;
+    # zero where unknown (edits stored before it was kept, the paper's neuron): then unchecked.
+    subject_span: torch.Tensor
 
     def to(self, device: torch.device) -> Neuron:
         # Not dataclasses.astuple: it deep-copies every tensor first.
         return Neuron(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "neuron.") -> Neuron:
+        """The neuron saved as ``prefix + field`` tensors. Files written before ``subject_span``
+        was kept read it as zeros: those edits' subjects stay unchecked (see Router)."""
+        fields = {f.name: tensors[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in tensors}
+        fields.setdefault("subject_span", torch.zeros_like(fields["subject"]))
+        return cls(**fields)
 
 
 class KeyNorm(nn.Module):
@@ -180,7 +191,7 @@ def question_keys(keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class _Rows:
     """The live rows (the first ``len(router)``) of one of the router's per-neuron buffers."""
 
-    NAMES = ("subject_w", "subject_b", "relation_w", "relation_b", "subject_len")
+    NAMES = ("subject_w", "subject_b", "relation_w", "relation_b", "subject_len", "subject_span")
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.buffer = f"_{name}"
@@ -211,6 +222,12 @@ class Router(nn.Module):
     ``relation_margin`` logits stricter (negative: more lenient), which trades rephrases
     reached against other questions about the subject caught.
 
+    The subject factor reads one token, the subject's last, and names that share it ("Sonitpur
+    district", "Thanjavur district"; "Lucian Freud", "Anna Freud") look alike there. So where
+    ``subject_span_cos`` > 0 it also reads the whole name: the ``subject_len`` tokens ending
+    where it peaks, their keys summed, must have at least that cosine with the edit's
+    ``subject_span``, or the factor is 0.
+
     Of the edits whose activation exceeds theta, the strongest serves the sequence,
     except that an edit yields to any later one that overrides it and fires too: a
     later correction of the same fact takes over from the one it corrects, and
@@ -229,17 +246,19 @@ class Router(nn.Module):
     relation_w = _Rows()  # W_merge, (E, h)
     relation_b = _Rows()  # (E,)
     subject_len = _Rows()  # (E,) long
+    subject_span = _Rows()  # (E, h_s)
     overrides: torch.Tensor
 
     def __init__(
         self, h_subject: int, h: int, theta: float, pooled: bool = True, subject_margin: float = 0.0,
-        relation_margin: float = 0.0, device: torch.device | None = None,
+        relation_margin: float = 0.0, subject_span_cos: float = 0.0, device: torch.device | None = None,
         index: IndexSettings | None = DEFAULT_INDEX,
     ):
         super().__init__()
         self.theta = theta
         self.subject_margin = subject_margin
         self.relation_margin = relation_margin
+        self.subject_span_cos = subject_span_cos
         self.pooled = pooled
         self.subject_norm = KeyNorm(h_subject, device)
         self.relation_norm = KeyNorm(h, device)
@@ -251,6 +270,7 @@ class Router(nn.Module):
         self.register_buffer("_relation_w", torch.zeros(0, h, device=device))
         self.register_buffer("_relation_b", torch.zeros(0, device=device))
         self.register_buffer("_subject_len", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("_subject_span", torch.zeros(0, h_subject, device=device))
         self.register_buffer("overrides", torch.zeros(0, 2, dtype=torch.long, device=device))  # (K, 2) newer, older
         self.index = NeuronIndex(h_subject, index)
 
@@ -261,7 +281,7 @@ class Router(nn.Module):
         """A router with no neurons that reads keys as this one does (same norms, same rules)."""
         h_s, h = self.get_buffer("_subject_w").shape[1], self.get_buffer("_relation_w").shape[1]
         empty = Router(
-            h_s, h, self.theta, self.pooled, self.subject_margin, self.relation_margin,
+            h_s, h, self.theta, self.pooled, self.subject_margin, self.relation_margin, self.subject_span_cos,
             device=self.get_buffer("_relation_w").device, index=self.index.settings,
         )
         empty.subject_norm, empty.relation_norm = self.subject_norm, self.relation_norm
@@ -280,8 +300,30 @@ class Router(nn.Module):
         ``subject_norm``'s output."""
         x = subject if normalised else self.subject_norm(subject)
         logits = x @ self._rows("subject_w", slots).T + (self._rows("subject_b", slots) - self.subject_margin)
-        s = torch.sigmoid(logits)  # (B, T, E)
-        return s.masked_fill(~content[..., None], 0.0).max(1)
+        s, at = torch.sigmoid(logits).masked_fill(~content[..., None], 0.0).max(1)  # (B, E)
+        if self.subject_span_cos > 0:
+            s = s * self._names_whole_subject(x * content[..., None], at, slots)
+        return s, at
+
+    def _names_whole_subject(self, x: torch.Tensor, at: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        """(B, E) bool: the ``subject_len`` tokens ending at ``at`` (B, E) read as each edit's
+        ``subject_span``; ``x`` (B, T, h_s): normalised keys, zero outside the user's text."""
+        span, length = self._rows("subject_span", slots), self._rows("subject_len", slots)  # (E, h_s), (E,)
+        # A window's sum is a difference of prefix sums: of x . span for the numerator, and of
+        # the Gram matrix x x' for the sum's squared norm (B, T, T), never a (B, E, h_s) tensor.
+        hi = at + 1  # (B, E), prefix index just past the window
+        lo = (hi - length).clamp_min(0)
+        dot = F.pad((x @ span.T).cumsum(1), (0, 0, 1, 0))  # (B, T + 1, E)
+        dot = dot.gather(1, hi[:, None]).squeeze(1) - dot.gather(1, lo[:, None]).squeeze(1)
+        gram = F.pad((x @ x.transpose(1, 2)).cumsum(1).cumsum(2), (1, 0, 1, 0)).flatten(1)  # (B, (T+1)^2)
+        n = x.shape[1] + 1
+
+        def at_(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+            return gram.gather(1, i * n + j)
+
+        sq = at_(hi, hi) - at_(lo, hi) - at_(hi, lo) + at_(lo, lo)
+        known = span.abs().sum(-1) > 0  # (E,)
+        return (dot >= self.subject_span_cos * sq.clamp_min(1e-12).sqrt()) | ~known
 
     def relation_factor(
         self, keys: RoutingKeys, subject_at: torch.Tensor, slots: torch.Tensor | None = None,
@@ -377,7 +419,8 @@ class Router(nn.Module):
             self.overrides = torch.cat([self.overrides, pairs])
         if slot == self.capacity:
             self._reserve(max(16, 2 * slot))
-        rows = (neuron.subject, neuron.subject_bias, neuron.relation, neuron.relation_bias, neuron.subject_len)
+        rows = (neuron.subject, neuron.subject_bias, neuron.relation, neuron.relation_bias, neuron.subject_len,
+                neuron.subject_span)
         for name, value in zip(_Rows.NAMES, rows):
             getattr(self, f"_{name}")[slot] = value
         self._n += 1

@@ -199,7 +199,7 @@ def _edit(meta: dict[str, str], tensors: dict[str, torch.Tensor], expert: Expert
         rephrases=tuple(json.loads(meta["rephrases"])),
         layer=int(meta["layer"]),
         expert=expert,
-        neuron=Neuron(**{f.name: tensors[f"neuron.{f.name}"] for f in dataclasses.fields(Neuron)}),
+        neuron=Neuron.from_tensors(tensors),
         keys=tensors["keys"],
         subject_keys=tensors["subject_keys"],
         subject=json.loads(meta["subject"]),

@@ -115,7 +115,7 @@ def test_relation_factor_reads_the_question_less_the_subject_where_the_subject_f
     router.relation_norm.fit(torch.randn(50, h), 0.1)
     for length in (1, 2, 3, 1):
         router.append(Neuron(torch.randn(h_s), torch.randn(()), 5 * torch.randn(h), torch.randn(()),
-                             torch.tensor(length)))
+                             torch.tensor(length), torch.randn(h_s)))
     content = torch.ones(B, T, dtype=torch.bool)
     content[0, :2] = False  # left padding and template tokens are not the user's text
     content[:, -1] = False
@@ -144,7 +144,8 @@ def test_subject_margin_makes_the_subject_factor_stricter_and_leaves_the_relatio
     lenient, strict = Router(h_s, h, theta=0.65), Router(h_s, h, theta=0.65, subject_margin=5.0)
     subject = torch.nn.functional.normalize(torch.randn(h_s), dim=0)
     # A cosine detector: logit 20 cos - 8, so the margin moves where it fires from cos 0.43 to 0.68.
-    neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(5.0), torch.tensor(1))
+    neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(5.0), torch.tensor(1),
+                    torch.zeros(h_s))
     for router in (lenient, strict):
         router.append(neuron)
     other = torch.nn.functional.normalize(torch.randn(h_s), dim=0)
@@ -159,13 +160,38 @@ def test_subject_margin_makes_the_subject_factor_stricter_and_leaves_the_relatio
     assert torch.equal(lenient.relation_factor(rk, at), strict.relation_factor(rk, at))
 
 
+def test_a_name_sharing_only_the_subjects_last_token_is_not_the_subject():
+    from app.scen.routed import Neuron, Router, RoutingKeys
+
+    T, h_s, h = 5, 8, 6
+    last, first, other = torch.eye(h_s)[:3]  # "district", "Sonitpur", "Thanjavur"
+    span = torch.nn.functional.normalize(first + last, dim=0)
+    whole = Router(h_s, h, theta=0.65, subject_span_cos=0.6)
+    unchecked = Router(h_s, h, theta=0.65)
+    for router in (whole, unchecked):
+        router.append(Neuron(20 * last, torch.tensor(-8.0), torch.zeros(h), torch.tensor(5.0), torch.tensor(2), span))
+    keys = torch.zeros(3, T, h_s)
+    keys[:, 3] = last
+    keys[0, 2], keys[1, 2], keys[2, 2] = first, other, 0.8 * first + 0.6 * other  # cos 0.9 with the span
+    rk = RoutingKeys(keys, torch.ones(3, T, dtype=torch.bool), torch.randn(3, T, h), torch.full((3,), T - 1))
+    assert unchecked.route(rk).slots.tolist() == [0, 0, 0]
+    assert whole.route(rk).slots.tolist() == [0, -1, 0]
+    assert whole.empty_like().subject_span_cos == 0.6
+    # An edit stored before its subject's span was kept (zeros) stays unchecked.
+    legacy = Router(h_s, h, theta=0.65, subject_span_cos=0.6)
+    legacy.append(Neuron(20 * last, torch.tensor(-8.0), torch.zeros(h), torch.tensor(5.0), torch.tensor(2),
+                         torch.zeros(h_s)))
+    assert legacy.route(rk).slots.tolist() == [0, 0, 0]
+
+
 def test_relation_margin_moves_the_relation_factor_only_and_carries_to_an_empty_copy():
     from app.scen.routed import Neuron, Router, RoutingKeys
 
     torch.manual_seed(0)
     T, h_s, h = 4, 6, 8
     strict, lenient = Router(h_s, h, theta=0.65), Router(h_s, h, theta=0.65, relation_margin=-2.0)
-    neuron = Neuron(torch.randn(h_s), torch.tensor(0.0), torch.randn(h), torch.tensor(0.0), torch.tensor(1))
+    neuron = Neuron(torch.randn(h_s), torch.tensor(0.0), torch.randn(h), torch.tensor(0.0), torch.tensor(1),
+                    torch.randn(h_s))
     for router in (strict, lenient):
         router.append(neuron)
     rk = RoutingKeys(torch.randn(2, T, h_s), torch.ones(2, T, dtype=torch.bool), torch.randn(2, T, h),
@@ -191,7 +217,8 @@ def test_appends_and_pops_keep_every_neuron_in_its_slot_without_copying_the_live
             router.pop(slot)
             del want[slot]
             continue
-        neuron = Neuron(torch.randn(h_s), torch.randn(()), torch.randn(h), torch.randn(()), torch.tensor(step % 3 + 1))
+        neuron = Neuron(torch.randn(h_s), torch.randn(()), torch.randn(h), torch.randn(()), torch.tensor(step % 3 + 1),
+                        torch.randn(h_s))
         router.append(neuron)
         want.append(neuron)
         grown.append(router.capacity)

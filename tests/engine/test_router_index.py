@@ -22,17 +22,17 @@ def unit(*shape, g):
 
 
 def routers(index: IndexSettings = INDEXED) -> tuple[Router, Router]:
-    """The same rules twice: reading every neuron, and through the index."""
+    """The same rules twice: reading every neuron, and through the index; subjects checked whole."""
     made = []
     for settings in (None, index):
-        r = Router(H_S, H, theta=0.65, subject_margin=1.0, index=settings)
+        r = Router(H_S, H, theta=0.65, subject_margin=1.0, subject_span_cos=0.5, index=settings)
         made.append(r)
     return made[0], made[1]
 
 
 def neuron(subject: torch.Tensor, relation: torch.Tensor, length: int = 1, bias: float = -8.0) -> Neuron:
     """A cosine detector on each factor, as a trained neuron starts."""
-    return Neuron(20 * subject, torch.tensor(bias), 20 * relation, torch.tensor(-5.0), torch.tensor(length))
+    return Neuron(20 * subject, torch.tensor(bias), 20 * relation, torch.tensor(-5.0), torch.tensor(length), subject)
 
 
 def prompts(subjects: torch.Tensor, relations: torch.Tensor, g: torch.Generator, B: int = 48) -> RoutingKeys:
@@ -165,7 +165,8 @@ def test_neurons_without_a_subject_factor_are_candidates_for_every_prompt():
         for r in (dense, indexed):
             r.append(neuron(subjects[e // 2], relations[e % 4]))
     # The paper's single neuron: its subject factor always fires; only the question decides.
-    always = Neuron(torch.zeros(H_S), torch.tensor(30.0), 20 * relations[1], torch.tensor(-5.0), torch.tensor(0))
+    always = Neuron(torch.zeros(H_S), torch.tensor(30.0), 20 * relations[1], torch.tensor(-5.0), torch.tensor(0),
+                    torch.zeros(H_S))
     for r in (dense, indexed):
         r.append(always)
     keys = prompts(subjects, relations, g)
