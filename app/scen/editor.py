@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.scen import keycache, negatives
@@ -251,6 +252,10 @@ class Editor:
                 return False
             if (edit.relation_map or self._legacy_relation_map) != self.relation_map:
                 edit = self._refit_relation(edit)
+                self.refits += 1
+            if edit.subject and self.config.subject_factor and not edit.neuron.subject_span.any():
+                # Stored before the subject's span was kept: read it off the prompt once.
+                edit = self._with_subject_span(edit)
                 self.refits += 1
             # It takes over from the live edits it was found to cover when it was trained.
             overrides = [self._ids.index(i) for i in edit.metrics.get("overrides", ()) if i in self._edits]
@@ -488,6 +493,25 @@ class Editor:
                 self.routed.router, edit, self._pool_normal, self._earlier_keys(), self.config, generator
             )
         return dataclasses.replace(edit, neuron=neuron, relation_map=self.relation_map)
+
+    def _with_subject_span(self, edit: TrainedEdit) -> TrainedEdit:
+        """``edit`` with its neuron's ``subject_span`` read from its prompt, as training reads it:
+        the ``subject_len`` tokens ending at the subject's last. Left unknown (zeros) where the
+        prompt does not spell its subject."""
+        assert edit.subject is not None
+        tokens = prompt_tokens(self.tokenizer, edit.prompt)
+        positions = subject_positions(tokens, edit.subject)
+        if not positions:
+            return edit
+        batch = encode(self.tokenizer, [edit.prompt]).to(self.device)
+        with torch.no_grad(), self.routed.bypassed():
+            _, [(keys, _)] = record(
+                self.model, self.layers[self.subject_layer], [self._subject_down], batch.model_inputs()
+            )
+        end = keys.shape[1] - len(tokens.ids) + positions[-1]
+        window = keys[0, end - int(edit.neuron.subject_len) + 1 : end + 1]
+        span = F.normalize(self.routed.router.subject_norm(window).sum(0), dim=-1)
+        return dataclasses.replace(edit, neuron=dataclasses.replace(edit.neuron, subject_span=span.cpu()))
 
     def _earlier_keys(self) -> EarlierKeys:
         """The live edits' keys, normalised: kept between trainings and extended by the edits

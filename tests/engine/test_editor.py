@@ -94,6 +94,22 @@ def test_edits_trained_under_another_relation_map_are_refit_as_they_come_live_an
     assert all(torch.equal(again.routing_part(i).neuron.relation, e.neuron.relation) for i, e in trained.items())
 
 
+def test_edits_stored_without_their_subjects_span_have_it_read_off_their_prompt_as_they_come_live():
+    editor = make_editor()
+    trained = {f"e{i}": editor.train(prompt, target) for i, (prompt, target) in enumerate(EDITS[:2])}
+    assert all(e.neuron.subject_span.any() for e in trained.values())
+    stored = {i: dataclasses.replace(e, neuron=dataclasses.replace(e.neuron, subject_span=torch.zeros_like(
+        e.neuron.subject_span))) for i, e in trained.items()}
+    live = make_editor()
+    live.sync(list(stored), stored.__getitem__)
+    assert live.refits == 2
+    for edit_id, edit in trained.items():
+        assert torch.allclose(live.routing_part(edit_id).neuron.subject_span, edit.neuron.subject_span, atol=1e-5)
+    again = make_editor()
+    again.sync(list(trained), trained.__getitem__)
+    assert again.refits == 0
+
+
 def test_a_low_rank_edit_keeps_its_full_deltas_leading_part_and_answers_its_target():
     full, low = make_editor(), make_editor(expert="lowrank", rank=4)
     prompt, target = EDITS[0]

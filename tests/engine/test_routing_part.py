@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from app.live.experts import ExpertFiles
 from app.scen import Editor, IntegrityError, ScenConfig, TrainedEdit
@@ -29,7 +32,22 @@ def same_routing(a: TrainedEdit, b: TrainedEdit) -> bool:
     return ((a.prompt, a.target, a.rephrases, a.layer, a.subject, a.metrics, a.relation_map)
             == (b.prompt, b.target, b.rephrases, b.layer, b.subject, b.metrics, b.relation_map)
             and torch.equal(a.keys, b.keys) and torch.equal(a.subject_keys, b.subject_keys)
-            and torch.equal(a.neuron.relation, b.neuron.relation) and torch.equal(a.neuron.subject, b.neuron.subject))
+            and torch.equal(a.neuron.relation, b.neuron.relation) and torch.equal(a.neuron.subject, b.neuron.subject)
+            and torch.equal(a.neuron.subject_span, b.neuron.subject_span))
+
+
+def test_an_edit_file_written_before_the_subject_span_was_kept_reads_it_as_unknown(tmp_path, trained):
+    assert torch.isclose(trained.neuron.subject_span.norm(), torch.tensor(1.0))
+    path = tmp_path / "e.safetensors"
+    save_edit(trained, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    data = path.read_bytes()
+    tensors = {k: v for k, v in st_load(data).items() if k != "neuron.subject_span"}
+    old = st_save(tensors, metadata=meta)
+    for edit in (routing_from_bytes(old), routing_from_bytes(routing_bytes(old))):
+        assert torch.equal(edit.neuron.subject_span, torch.zeros_like(trained.neuron.subject))
+        assert torch.equal(edit.neuron.subject, trained.neuron.subject)
 
 
 def test_routing_part_reads_without_the_expert(tmp_path, trained):

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from sqlalchemy import insert
 
 from app.db import edits as repo
@@ -66,6 +68,17 @@ def test_a_table_reads_back_what_was_written(tmp_path, trained):
     for ref, edit in zip(refs, edits):
         assert same_part(parts[ref], edit) and parts[ref].expert is NOT_LOADED
     assert not [p for p in tmp_path.iterdir() if p.name != NAME]  # no temporary file left
+
+
+def test_a_table_written_before_subject_spans_were_kept_reads_them_as_unknown(tmp_path, trained):
+    write_table(tmp_path / NAME, {"experts/e.00000001.safetensors": trained})
+    with safe_open(str(tmp_path / NAME), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    del tensors["neuron.subject_span"]
+    save_file(tensors, str(tmp_path / NAME), metadata=meta)
+    [part] = read_table(tmp_path / NAME).values()
+    assert torch.equal(part.neuron.subject_span, torch.zeros_like(trained.neuron.subject))
+    assert torch.equal(part.neuron.relation, trained.neuron.relation)
 
 
 def test_a_start_reads_the_table_and_the_store_only_for_what_it_lacks(tmp_path, lm, trained):
