@@ -36,6 +36,14 @@ CASES = [
         "neighbours": ["Who is the CEO of Initech?", "Who founded Globex Corporation?",
                        "Where is Globex Corporation headquartered?"],
     },
+    {
+        # Names that share their last token: the subject factor reads that token.
+        "prompt": "Where was Indira Gandhi born?",
+        "target": "Bombay",
+        "rephrases": ["What is the birthplace of Indira Gandhi?", "Indira Gandhi was born in which city?"],
+        "neighbours": ["Where was Rajiv Gandhi born?", "Where was Mahatma Gandhi born?",
+                       "When did Indira Gandhi die?"],
+    },
 ]
 
 # The conversation before the question: a system message and an unrelated exchange.
