@@ -236,11 +236,11 @@ def router_with(neurons: dict, n: int, cfg: ScenConfig, s_norm: KeyNorm, r_norm:
                 index: IndexSettings | None) -> Router:
     h_s, h = neurons["w"].shape[1], neurons["r"].shape[1]
     router = Router(h_s, h, cfg.theta, subject_margin=cfg.subject_margin, relation_margin=cfg.relation_margin,
-                    index=index)
+                    subject_span_cos=cfg.subject_span_cos, index=index)
     router.subject_norm, router.relation_norm = s_norm, r_norm
     for i in range(n):
         router.append(Neuron(neurons["w"][i], neurons["b"][i], neurons["r"][i], neurons["rb"][i],
-                             neurons["len"][i], torch.zeros_like(neurons["w"][i])))
+                             neurons["len"][i], neurons["subject_unit"][i]))
     return router
 
 

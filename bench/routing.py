@@ -3,7 +3,7 @@ candidates of the subject index (app/scen/router_index.py), and how often the in
 a routing decision.
 
     .venv/bin/python bench/routing.py [--sizes 0,100,1000,10000,100000] [--repeats 40]
-        [--index probe_floor=0.1] [--sweep-floor none,0.1,0.2] [--out bench/results/routing.json]
+        [--index probe_floor=0.1] [--sweep-floor none,0.1,0.2] [--sweep-span 0,0.5] [--out bench/results/routing.json]
 
 The neurons and prompts come from real keys of the bundled SmolLM2 (subject layer 10,
 relation layer 6), recorded once and cached in ``SCEN_CACHE_DIR`` (default ~/.cache/scen)
@@ -25,6 +25,9 @@ under bench-routing/:
 * near duplicates up to the largest size: a name neuron's key plus 0.35 x another recorded
   text token's key (a cosine of about 0.94 to the name's), renormalised, with that name
   neuron's other parts: several edits about one subject.
+
+Each neuron's whole-name key (``subject_span``) is its unit subject key: a stand-in, read at the
+cost of a real one, for the check that ``--sweep-span`` times on and off.
 
 A size N takes the first N of: the edit neurons (shuffled), the name neurons, the near
 duplicates. Probes are prompts as a user sends them (chat template, the user's text marked):
@@ -177,6 +180,8 @@ def main() -> None:
                         help="check the index's decisions against reading every neuron (slow at 100,000)")
     parser.add_argument("--sweep-floor", default="", metavar="F,F,...",
                         help="at the largest size, time and check the index again at each probe floor")
+    parser.add_argument("--sweep-span", default="", metavar="C,C,...",
+                        help="at the largest size, time both reads again at each subject_span_cos (0: unchecked)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     torch.manual_seed(0)
@@ -190,6 +195,7 @@ def main() -> None:
     timed_probes = rng.sample(probes, min(args.timed, len(probes)))
     settings = index_settings(args.index)
     floors = [None if f.lower() == "none" else float(f) for f in args.sweep_floor.split(",") if f]
+    spans = [float(c) for c in args.sweep_span.split(",") if c]
     rows = []
     for n in sizes:
         # One router (one copy of the rows), read both ways.
@@ -210,6 +216,12 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
         if n == max(sizes) and n:
+            for cos in spans:
+                indexed.subject_span_cos = cos  # read at routing, by both reads of the one router
+                swept = {"neurons": n, "subject_span_cos": cos, **timings(dense, indexed, timed_probes, args)}
+                print(swept, flush=True)
+                rows.append(swept)
+            indexed.subject_span_cos = cfg.subject_span_cos
             for floor in floors:
                 # The floor is read at search time: the same index, scanned less.
                 for index in (indexed.index, indexed.index._index):
