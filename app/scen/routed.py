@@ -313,9 +313,10 @@ class Router(nn.Module):
         # the Gram matrix x x' for the sum's squared norm (B, T, T), never a (B, E, h_s) tensor.
         hi = at + 1  # (B, E), prefix index just past the window
         lo = (hi - length).clamp_min(0)
-        dot = F.pad((x @ span.T).cumsum(1), (0, 0, 1, 0))  # (B, T + 1, E)
+        # In float64: over a long prompt the prefix sums grow far beyond the windows' own sums.
+        dot = F.pad((x @ span.T).double().cumsum(1), (0, 0, 1, 0))  # (B, T + 1, E)
         dot = dot.gather(1, hi[:, None]).squeeze(1) - dot.gather(1, lo[:, None]).squeeze(1)
-        gram = F.pad((x @ x.transpose(1, 2)).cumsum(1).cumsum(2), (1, 0, 1, 0)).flatten(1)  # (B, (T+1)^2)
+        gram = F.pad((x @ x.transpose(1, 2)).double().cumsum(1).cumsum(2), (1, 0, 1, 0)).flatten(1)  # (B, (T+1)^2)
         n = x.shape[1] + 1
 
         def at_(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
