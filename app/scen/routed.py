@@ -226,7 +226,7 @@ class Router(nn.Module):
     district", "Thanjavur district"; "Lucian Freud", "Anna Freud") look alike there. So where
     ``subject_span_cos`` > 0 it also reads the whole name: the ``subject_len`` tokens ending
     where it peaks, their keys summed, must have at least that cosine with the edit's
-    ``subject_span``, or the factor is 0.
+    ``subject_span``, or the factor is 0 (checked where it passes theta).
 
     Of the edits whose activation exceeds theta, the strongest serves the sequence,
     except that an edit yields to any later one that overrides it and fires too: a
@@ -301,8 +301,12 @@ class Router(nn.Module):
         x = subject if normalised else self.subject_norm(subject)
         logits = x @ self._rows("subject_w", slots).T + (self._rows("subject_b", slots) - self.subject_margin)
         s, at = torch.sigmoid(logits).masked_fill(~content[..., None], 0.0).max(1)  # (B, E)
-        if self.subject_span_cos > 0:
-            s = s * self._names_whole_subject(x * content[..., None], at, slots)
+        fired = (s > self.theta).any(0).nonzero().flatten() if self.subject_span_cos > 0 else s.new_zeros(0)
+        if len(fired):
+            # Checked only where the factor passes theta: elsewhere the edit cannot serve the row
+            # anyway, and reading every edit's name would double the cost of a dense read.
+            edits = fired if slots is None else slots[fired]
+            s[:, fired] *= self._names_whole_subject(x * content[..., None], at[:, fired], edits)
         return s, at
 
     def _names_whole_subject(self, x: torch.Tensor, at: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
