@@ -301,12 +301,13 @@ class Router(nn.Module):
         x = subject if normalised else self.subject_norm(subject)
         logits = x @ self._rows("subject_w", slots).T + (self._rows("subject_b", slots) - self.subject_margin)
         s, at = torch.sigmoid(logits).masked_fill(~content[..., None], 0.0).max(1)  # (B, E)
-        fired = (s > self.theta).any(0).nonzero().flatten() if self.subject_span_cos > 0 else s.new_zeros(0)
-        if len(fired):
+        if self.subject_span_cos > 0:
             # Checked only where the factor passes theta: elsewhere the edit cannot serve the row
             # anyway, and reading every edit's name would double the cost of a dense read.
-            edits = fired if slots is None else slots[fired]
-            s[:, fired] *= self._names_whole_subject(x * content[..., None], at[:, fired], edits)
+            fired = (s > self.theta).any(0).nonzero().flatten()  # (K,) columns of s
+            if len(fired):
+                edits = fired if slots is None else slots[fired]
+                s[:, fired] *= self._names_whole_subject(x * content[..., None], at[:, fired], edits)
         return s, at
 
     def _names_whole_subject(self, x: torch.Tensor, at: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
