@@ -392,13 +392,17 @@ class Editor:
         parts = []
         for chunk in _chunks(prompts, self.batch_size):
             batch = encode(self.tokenizer, chunk).to(self.device)
-            with self.routed.bypassed():
-                _, [(keys, _)] = record(
-                    self.model, self.layers[self.subject_layer], [self._subject_down], batch.model_inputs()
-                )
-            parts.append(keys[batch.content])
+            parts.append(self._subject_layer_keys(batch)[batch.content])
         h_s = self.adapter.down_weight(self._subject_down).shape[1]
         return torch.cat(parts) if parts else torch.zeros(0, h_s, device=self.device)
+
+    def _subject_layer_keys(self, batch: Batch) -> torch.Tensor:
+        """Subject keys (B, T, h_s) at every position of ``batch``; runs only up to the subject layer."""
+        with self.routed.bypassed():
+            _, [(keys, _)] = record(
+                self.model, self.layers[self.subject_layer], [self._subject_down], batch.model_inputs()
+            )
+        return keys
 
     def _relation_keys(self, texts: Sequence[tuple[str, str | None]]) -> torch.Tensor:
         """Relation keys (n, h_r) of (prompt, entity) pairs as routing reads them (``_read_relation``);
@@ -503,11 +507,8 @@ class Editor:
         positions = subject_positions(tokens, edit.subject)
         if not positions:
             return edit
-        batch = encode(self.tokenizer, [edit.prompt]).to(self.device)
-        with torch.no_grad(), self.routed.bypassed():
-            _, [(keys, _)] = record(
-                self.model, self.layers[self.subject_layer], [self._subject_down], batch.model_inputs()
-            )
+        with torch.no_grad():
+            keys = self._subject_layer_keys(encode(self.tokenizer, [edit.prompt]).to(self.device))
         end = keys.shape[1] - len(tokens.ids) + positions[-1]
         window = keys[0, end - int(edit.neuron.subject_len) + 1 : end + 1]
         span = F.normalize(self.routed.router.subject_norm(window).sum(0), dim=-1)
