@@ -41,6 +41,7 @@ def measure(lm, path: Path, n: int, config: ScenConfig, margins: list[tuple[floa
     records = [r for r in load_dataset(path).records if r.editable and r.subject]
     random.Random(0).shuffle(records)
     edited, held = records[:n], records[n : n + 300]
+    n = len(edited)  # a file may hold fewer editable records than asked for
     editor = Editor(lm.model, lm.tokenizer, config)
     start = time.perf_counter()
     for i, r in enumerate(edited):
