@@ -15,6 +15,7 @@ share of probes above the cosine that keeps 90 % / 95 % of rephrases. The last l
 the last token stand for what the model is about to answer (a rephrase should be answered
 alike, another question differently); each is also combined with the best single key, as the
 sum of the two cosines (each standardised on the rephrases) and as either one passing. The
+question key is also read at several layers at once (the mean of their cosines). The
 engine's question key is also read with rewording discounted (``rephrase_invariance``, learnt
 from ``app/scen/rephrasings.txt``) at weights 0.2, 0.5 and 0.9. Results go to
 bench/results/question_keys.json.
@@ -101,6 +102,7 @@ def compare(lm, path: Path, n: int) -> list[dict]:
     results = sorted(({"site": k[0], "layer": k[1], "read": k[2], "pairs": len(rows), **separation(*v)}
                       for k, v in pairs.items()), key=lambda r: -r["auc"])
     results += discounted(lm, pool, prompt, rephrase, probe, len(rows))
+    results += across_layers(pairs, len(rows))
     best = results[0]
     near, far = pairs[best["site"], best["layer"], best["read"]]
     for key in pairs:
@@ -112,6 +114,18 @@ def compare(lm, path: Path, n: int) -> list[dict]:
             results.append({"site": f"{best['site']} L{best['layer']} {best['read']} {how}", "layer": key[1],
                             "read": f"{key[0]} last", "pairs": len(rows), **separation(*combined)})
     return results
+
+
+def across_layers(pairs: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]], n: int) -> list[dict]:
+    """The question key read at several layers at once: the mean of their cosines, which is the
+    cosine of the layers' normalised keys side by side."""
+    out = []
+    for layers in ((4, 6), (6, 8), (4, 6, 8), (4, 6, 8, 10)):
+        near, far = (torch.stack([pairs["down_input", layer, "text_less_subject"][i] for layer in layers]).mean(0)
+                     for i in (0, 1))
+        out.append({"site": "down_input layers " + "+".join(map(str, layers)), "layer": layers[-1],
+                    "read": "text_less_subject", "pairs": n, **separation(near, far)})
+    return out
 
 
 def discounted(lm, pool, prompt, rephrase, probe, n: int) -> list[dict]:
@@ -155,7 +169,8 @@ def main() -> None:
     results = {name: compare(lm, DATA / name, args.records) for name in FILES}
     for name, rows in results.items():
         print(name)
-        for r in [*rows[:8], *(r for r in rows if r["site"].endswith(("sum", "either")) or "discounted" in r["site"])]:
+        for r in [*rows[:8], *(r for r in rows if r["site"].endswith(("sum", "either")) or "discounted" in r["site"]
+                                   or "layers" in r["site"])]:
             print(f"  {r['site']:10s} L{r['layer']:<2d} {r['read']:17s} auc {r['auc']:.2f} "
                   f"probes above tpr90 {r['probes_above_tpr90']:.2f} tpr95 {r['probes_above_tpr95']:.2f}")
     out = Path("bench/results/question_keys.json")
