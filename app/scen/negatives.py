@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import random
 import re
+from collections.abc import Sequence
 from importlib import resources
 
 from app.scen.prompts import PromptTokens
@@ -34,8 +35,11 @@ def _lines(name: str) -> tuple[str, ...]:
 
 @functools.cache
 def _blocks(name: str) -> tuple[tuple[str, ...], ...]:
-    """The file's groups of lines, groups separated by blank lines."""
-    text = resources.files("app.scen").joinpath(name).read_text(encoding="utf-8")
+    return split_blocks(resources.files("app.scen").joinpath(name).read_text(encoding="utf-8"))
+
+
+def split_blocks(text: str) -> tuple[tuple[str, ...], ...]:
+    """The text's groups of lines, groups separated by blank lines."""
     blocks = (tuple(line.strip() for line in block.splitlines() if line.strip()) for block in text.split("\n\n"))
     return tuple(b for b in blocks if b)
 
@@ -71,13 +75,16 @@ def generic_questions(per_template: int = 3) -> list[tuple[str, str]]:
     return [(t.format(e), e) for t in _lines("relations.txt") for e in entities[::step][:per_template]]
 
 
-def rephrasing_groups(per_group: int = 3) -> list[list[tuple[str, str]]]:
-    """Groups of one question in several wordings (``rephrasings.txt``), each group asked about
-    ``per_group`` fixed entities in turn: [(question, entity), ...] per group and entity."""
+def rephrasing_groups(
+    per_group: int = 3, wordings: Sequence[Sequence[str]] | None = None
+) -> list[list[tuple[str, str]]]:
+    """Groups of one question in several wordings (``rephrasings.txt``, or ``wordings``), each
+    group asked about ``per_group`` fixed entities in turn: [(question, entity), ...] per group
+    and entity."""
     entities = _lines("entities.txt")
     step = max(1, len(entities) // per_group)
     groups = []
-    for g, group in enumerate(_blocks("rephrasings.txt")):
+    for g, group in enumerate(_blocks("rephrasings.txt") if wordings is None else wordings):
         for j in range(per_group):
             entity = entities[(g + j * step) % len(entities)]
             groups.append([(t.format(entity), entity) for t in group])
