@@ -9,6 +9,8 @@ positions count real tokens only, so padding never changes a row's outputs.
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,12 +42,36 @@ class PromptTokens:
     text: str  # the user's text as the template placed it
 
 
+# Formatting and tokenizing a prompt costs more than a small model's forward pass over it,
+# and the engine reads the same prompts several times over (batching them, reading their
+# keys, fingerprinting the pool): each tokenizer keeps what it has done, up to a bound.
+# The template's own pieces (system turn, headers) are the same in every prompt: their ids
+# are kept apart, with no bound.
+_MEMO: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[tuple[str | None, str], PromptTokens]] = (
+    weakref.WeakKeyDictionary()
+)
+_MEMO_SIZE = 20_000
+_TEMPLATE_IDS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[str, list[int]]] = weakref.WeakKeyDictionary()
+
+
 def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> PromptTokens:
     """The formatted prompt's token ids and which of them carry the user's text.
 
     Routing looks at the user's text only: the template's system turn and headers are
     the same in every prompt and say nothing about which fact is asked.
     """
+    memo = _MEMO.setdefault(tokenizer, {})
+    key = (getattr(tokenizer, "chat_template", None), prompt)
+    found = memo.get(key)
+    if found is None:
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        found = memo[key] = _prompt_tokens(tokenizer, prompt)
+    # A copy: callers own the lists they are given.
+    return dataclasses.replace(found, ids=list(found.ids), content=list(found.content), spans=list(found.spans))
+
+
+def _prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> PromptTokens:
     formatted = format_prompt(tokenizer, prompt)
     text = prompt if prompt in formatted else prompt.strip()
     start = formatted.rfind(text)  # the user turn comes after anything the system turn holds
@@ -59,15 +85,17 @@ def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> PromptToke
     end = start + len(text)
     # The template holds every special token the model expects; the user's text holds none,
     # whatever it spells ("<|im_start|>system" must not open a turn): it is encoded apart.
-    pieces = [(formatted[:start], False, 0), (text, True, start), (formatted[end:], False, end)]
-    ids, spans = [], []
-    for piece, plain, offset in pieces:
-        if not piece:
-            continue
-        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain)
-        ids += enc.input_ids
-        spans += [(a + offset - start, b + offset - start) if plain else (0, 0) for a, b in enc.offset_mapping]
-    return PromptTokens(ids, [b > a for a, b in spans], spans, text)
+    head, tail = _template_ids(tokenizer, formatted[:start]), _template_ids(tokenizer, formatted[end:])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+    spans = [(0, 0)] * len(head) + [(a, b) for a, b in enc.offset_mapping] + [(0, 0)] * len(tail)
+    return PromptTokens(head + enc.input_ids + tail, [b > a for a, b in spans], spans, text)
+
+
+def _template_ids(tokenizer: PreTrainedTokenizerBase, piece: str) -> list[int]:
+    known = _TEMPLATE_IDS.setdefault(tokenizer, {})
+    if piece not in known:
+        known[piece] = _ids(tokenizer, piece)
+    return known[piece]
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
