@@ -11,12 +11,8 @@ reading two (E, h) matrices per prompt.
 
 The index is an inverted file (faiss ``IndexIVFScalarQuantizer``): the rows are
 clustered, each prompt token scans only the rows of its ``probes`` nearest
-clusters, stored as 8-bit codes. The codes are ours (a range per dimension, as faiss'
-``QT_8bit`` would choose) but stored for faiss' ``QT_8bit_direct`` scan, which reads a code
-as its own value: the query is scaled by each dimension's step instead and the ranges'
-offsets become one more dimension whose code is 1, so a token's scan skips decoding every
-code (at 100,000 real-key neurons 2.4 ms against 2.9 a prompt, the same candidates for 800
-probes). It is approximate in two ways, both measured in
+clusters, stored as 8-bit codes (``QT_8bit``: a range per dimension, set here rather than
+trained on a sample, see ``_ranges``). It is approximate in two ways, both measured in
 ``bench/routing.py``: an edit whose row sits in a cluster the token does not
 probe is missed, and the 8-bit codes shift scores a little (hence ``slack``: rows
 scoring up to that much below the bound are returned too, and the exact second
@@ -39,6 +35,9 @@ import faiss  # noqa: E402  (after the core is named: OpenBLAS reads it when loa
 
 # faiss' scalar-quantizer kernels vectorise only dimensions that are a multiple of this.
 _ALIGN = 16
+# QT_8bit_direct (codes read as their own values, which would spare decoding them) is not
+# used: faiss 1.15's vectorised inner product for it is wrong with AVX2 at every multiple of
+# 16 dimensions and with AVX-512 at every multiple of 32 (test_router_index checks the scores).
 
 
 @dataclass(frozen=True)
@@ -83,17 +82,10 @@ class SubjectIndex:
 
     def __init__(self, h: int, settings: IndexSettings):
         self.h = h
-        # The row, its bias, and the dimension that carries the codes' offsets (``_codes``), in an
-        # odd number of 16-wide blocks: faiss 1.15's QT_8bit_direct inner product is wrong at every
-        # multiple of 32 dimensions (test_router_index checks the scores at both parities).
-        blocks = math.ceil((h + 2) / _ALIGN)
-        self.d = _ALIGN * (blocks + 1 - blocks % 2)
-        self._offset = h + 1
+        self.d = _ALIGN * math.ceil((h + 1) / _ALIGN)  # the row, its bias, zeros
         self.settings = settings
         self._ivf: faiss.IndexIVFScalarQuantizer | None = None
         self._centroids = torch.zeros(0, self.d)  # (d, nlist): the clusters' unit mean directions
-        self._low = np.zeros(self.d, dtype=np.float32)  # (d,) each dimension's lowest value
-        self._step = np.ones(self.d, dtype=np.float32)  # (d,) and the value of one code step
 
     def build(self, w: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> None:
         """Cluster and store the rows ``w`` (N, h), ``b`` (N,) under ``labels`` (N,)."""
@@ -103,7 +95,7 @@ class SubjectIndex:
         vectors = self._rows(w, b)
         quantizer = faiss.IndexFlatIP(self.d)
         ivf = faiss.IndexIVFScalarQuantizer(
-            quantizer, self.d, nlist, faiss.ScalarQuantizer.QT_8bit_direct, faiss.METRIC_INNER_PRODUCT, False
+            quantizer, self.d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
         )
         # Inner-product clustering with free centroid norms lets a few long centroids take
         # every row; unit centroids cluster by direction, which is what a key matches.
@@ -121,8 +113,9 @@ class SubjectIndex:
         sample = sample.copy()
         sample[:, self.h] = 0.0
         ivf.train(sample)
-        self._low, span = self._ranges(vectors)
-        self._step = (span / 255).astype(np.float32)
+        # faiss trained the codes' ranges on that sample: they are replaced by ranges of every
+        # row, widened for rows still to come.
+        faiss.copy_array_to_vector(np.concatenate(self._ranges(vectors)), ivf.sq.trained)
         ivf.nprobe = min(s.probes, nlist)
         # Threads share one token's clusters rather than taking tokens each: a prompt has a handful
         # of tokens, and their clusters hold very different numbers of rows.
@@ -149,21 +142,10 @@ class SubjectIndex:
         assert self._ivf is not None and self._ivf.quantizer is not None
         # Each row joins the cluster its own vector is nearest to: its codes live in another space.
         _, lists = self._ivf.quantizer.search(vectors, 1)
-        codes, ids = self._codes(vectors), self._labels(labels)
+        ids = self._labels(labels)
         # Called directly, not through faiss.contrib's add_preassigned: that drops its last
         # reference to the ids array before faiss reads it.
-        self._ivf.add_core(len(codes), faiss.swig_ptr(codes), faiss.swig_ptr(ids), faiss.swig_ptr(lists.ravel()))
-
-    def _codes(self, vectors: np.ndarray) -> np.ndarray:
-        """Rows (N, d) as the 8-bit codes of ``_ranges``, held as floats for faiss (it stores each
-        as a byte): ``value ~ low + (code + 0.5) * step``."""
-        # In place: at 100,000 rows each temporary would be another 600 MB.
-        codes = vectors - self._low
-        codes /= self._step
-        np.floor(codes, out=codes)
-        np.clip(codes, 0, 255, out=codes)
-        codes[:, self._offset] = 1.0
-        return codes
+        self._ivf.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists.ravel()))
 
     def remove(self, labels: torch.Tensor) -> None:
         if self._ivf is not None and len(labels):
@@ -182,14 +164,9 @@ class SubjectIndex:
         near, lists = (queries @ self._centroids).topk(self._ivf.nprobe, dim=1)  # (Q, probes) each
         if s.probe_floor is not None:
             lists[near < s.probe_floor] = -1  # faiss skips list -1
-        # q . value = sum_i q_i step_i code_i + q . (low + step / 2): the second term rides on the
-        # offset dimension, whose code is 1.
-        q = queries.numpy()
-        scaled = q * self._step
-        scaled[:, self._offset] = q @ (self._low + self._step / 2)
         # faiss' Python wrapper of the call, not the C++ signature its type stubs describe.
         ivf: Any = self._ivf
-        _, _, found = ivf.range_search_preassigned(scaled, floor - s.slack, lists.numpy(), near.numpy())
+        _, _, found = ivf.range_search_preassigned(queries.numpy(), floor - s.slack, lists.numpy(), near.numpy())
         return torch.from_numpy(np.unique(found))
 
     def labels(self) -> torch.Tensor:
