@@ -50,6 +50,12 @@ def model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for every test's processes: the model is the same, so its pool keys are too."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[RedisServer]:
     try:
@@ -88,12 +94,12 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(request, postgres_server, redis_server, model_dir, tmp_path) -> Iterator[Cluster]:
+def cluster(request, postgres_server, redis_server, model_dir, cache_dir, tmp_path) -> Iterator[Cluster]:
     if not postgres_server.running():  # a test that stopped it failed before starting it again
         postgres_server.start()
     database = postgres_server.create_database(f"f_{uuid.uuid4().hex[:12]}")
     deployment = Deployment(database_url=database, redis_url=redis_server.url, data_dir=tmp_path / "data",
-                            model=model_dir, logs=tmp_path / "logs", settings=dict(FAST))
+                            cache_dir=cache_dir, model=model_dir, logs=tmp_path / "logs", settings=dict(FAST))
     cluster = Cluster(deployment)
     yield cluster
     cluster.close()

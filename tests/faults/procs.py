@@ -31,6 +31,7 @@ class Deployment:
     database_url: str
     redis_url: str
     data_dir: Path
+    cache_dir: Path
     model: str | None
     logs: Path
     settings: dict[str, str] = field(default_factory=dict)
@@ -41,7 +42,7 @@ class Deployment:
         env = {
             **inherited,
             "SCEN_DATABASE_URL": self.database_url, "SCEN_REDIS_URL": self.redis_url,
-            "SCEN_DATA_DIR": str(self.data_dir), "SCEN_CACHE_DIR": str(self.data_dir.parent / "cache"),
+            "SCEN_DATA_DIR": str(self.data_dir), "SCEN_CACHE_DIR": str(self.cache_dir),
             "SCEN_DEVICE": "cpu", "SCEN_EMBEDDED_WORKER": "false", "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
             **self.settings, **extra,
