@@ -160,7 +160,7 @@ def test_schema_declares_what_the_server_refuses(client):
     assert seed["maximum"] == 2**53 - 1
 
 
-@pytest.mark.parametrize("path,allowed", [("/edits", "GET, POST"), (f"/edits/{uuid.uuid4().hex}", "GET"),
+@pytest.mark.parametrize("path,allowed", [("/edits", "GET, POST"), (f"/edits/{uuid.UUID(int=1).hex}", "GET"),
                                           ("/generate", "POST"), ("/health", "GET")])
 @pytest.mark.parametrize("method", ["OPTIONS", "DELETE", "PUT"])
 def test_unsupported_method_names_the_allowed_ones(client, path, allowed, method):
