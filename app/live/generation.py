@@ -186,7 +186,7 @@ class Generator:
     def _encode(self, rows: Sequence[PromptRow]) -> tuple[Batch, list[int]]:
         """The batch as ``Editor.generate`` builds it (left padded, no targets), and each row's length."""
         batch = pack([r.ids for r in rows], [r.content for r in rows], [[] for _ in rows],
-                     self.editor.tokenizer.pad_token_id)
+                     self.editor.tokenizer.pad_token_id, [r.opens for r in rows])
         return batch.to(self.editor.device), [len(r.ids) for r in rows]
 
     def _decode(self, ids: list[int]) -> str:

@@ -18,7 +18,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from app.scen.prompts import Batch, PromptTokens, pack, prompt_tokens, target_ids
+from app.scen.prompts import Batch, PromptTokens, pack, prompt_tokens, sentence_openings, target_ids
 
 Role = Literal["system", "user", "assistant"]
 
@@ -49,6 +49,7 @@ Prompt = str | Chat
 class PromptRow:
     ids: list[int]
     content: list[bool]  # per token: the text routing reads
+    opens: list[bool]  # per token: the first of a sentence of that text after its first
 
 
 def prompt_row(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> PromptRow:
@@ -63,7 +64,7 @@ def prompt_row(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> PromptRow:
 
 
 def _row(tokens: PromptTokens) -> PromptRow:
-    return PromptRow(tokens.ids, tokens.content)
+    return PromptRow(tokens.ids, tokens.content, tokens.opens)
 
 
 def _chat_row(tokenizer: PreTrainedTokenizerBase, messages: tuple[Message, ...]) -> PromptRow:
@@ -81,36 +82,36 @@ def _chat_row(tokenizer: PreTrainedTokenizerBase, messages: tuple[Message, ...])
             # The template rewrote the text: it cannot be told apart from the template, so it
             # is encoded as the template is, and routing reads all of it (as the engine does).
             whole = tokenizer(formatted, add_special_tokens=False).input_ids
-            return PromptRow(whole, [True] * len(whole))
+            return PromptRow(whole, [True] * len(whole), [False] * len(whole))
         spans.append((start, start + len(text)))
         bound = start
     spans.reverse()
     routed = len(spans) - 1  # the last message is the user's (Chat.check)
 
-    ids: list[int] = []
-    content: list[bool] = []
+    row = PromptRow([], [], [])
     at = 0
     for i, (start, end) in enumerate(spans):
-        _append(tokenizer, formatted[at:start], plain=False, reads=False, ids=ids, content=content)
-        _append(tokenizer, formatted[start:end], plain=True, reads=i == routed, ids=ids, content=content)
+        _append(tokenizer, formatted[at:start], plain=False, reads=False, row=row)
+        _append(tokenizer, formatted[start:end], plain=True, reads=i == routed, row=row)
         at = end
-    _append(tokenizer, formatted[at:], plain=False, reads=False, ids=ids, content=content)
-    return PromptRow(ids, content)
+    _append(tokenizer, formatted[at:], plain=False, reads=False, row=row)
+    return row
 
 
-def _append(tokenizer: PreTrainedTokenizerBase, piece: str, plain: bool, reads: bool,
-            ids: list[int], content: list[bool]) -> None:
-    """Encode one piece: a participant's text (``plain``) may spell a special token without
-    opening a turn; of the routed message only tokens that carry characters are read."""
+def _append(tokenizer: PreTrainedTokenizerBase, piece: str, plain: bool, reads: bool, row: PromptRow) -> None:
+    """Encode one piece onto ``row``: a participant's text (``plain``) may spell a special token
+    without opening a turn; of the routed message only tokens that carry characters are read."""
     if not piece:
         return
     enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast,
                     split_special_tokens=plain)
-    ids += enc.input_ids
+    row.ids += enc.input_ids
     if reads and tokenizer.is_fast:
-        content += [b > a for a, b in enc.offset_mapping]
+        row.content += [b > a for a, b in enc.offset_mapping]
+        row.opens += sentence_openings(piece, enc.offset_mapping)
     else:
-        content += [reads] * len(enc.input_ids)
+        row.content += [reads] * len(enc.input_ids)
+        row.opens += [False] * len(enc.input_ids)
 
 
 # A generic conversation in which each expert is also trained (ScenConfig.expert_in_conversation):
@@ -132,4 +133,4 @@ def encode_answered(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt
     rows = [prompt_row(tokenizer, p) for p in prompts]
     t = target_ids(tokenizer, target)
     return pack([r.ids + t for r in rows], [r.content + [False] * len(t) for r in rows], [t] * len(rows),
-                tokenizer.pad_token_id)
+                tokenizer.pad_token_id, [r.opens + [False] * len(t) for r in rows])

@@ -309,7 +309,7 @@ class Editor:
         later decode steps and any target tokens. Yields ``routes(n)``: the routes taken by
         the block's n sequences once a forward pass has run. Holds the editor's lock.
         """
-        with self._lock, self.routed.routing_session(batch.prompt_last, batch.content) as session:
+        with self._lock, self.routed.routing_session(batch.prompt_last, batch.content, batch.sentence) as session:
             yield lambda n: self._routes(session.routing, n)
 
     def detach(self) -> None:
@@ -365,7 +365,7 @@ class Editor:
         """What the router reads of ``prompts`` (one padded batch); runs only up to the edited layer."""
         batch = encode(self.tokenizer, prompts).to(self.device)
         rec = self._record(batch)
-        return RoutingKeys(rec.subject, batch.content, rec.relation, batch.prompt_last)
+        return RoutingKeys(rec.subject, batch.content, rec.relation, batch.prompt_last, batch.sentence)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -459,7 +459,7 @@ class Editor:
         in_span = torch.zeros(T, dtype=torch.bool, device=self.device)
         in_span[[start + i for i in span]] = True
         return EditRecording(
-            rec.subject[:R], batch.content, rec.relation[:R], batch.prompt_last, start + at, in_span
+            rec.subject[:R], batch.content, rec.relation[:R], batch.prompt_last, start + at, in_span, batch.sentence
         ), subject
 
     def _train_neuron(self, rec: EditRecording, prompt: str, subject: str | None):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from app.scen.config import ScenConfig
-from app.scen.routed import Neuron, Router, RoutingKeys, question_keys, subject_window
+from app.scen.routed import Neuron, Router, RoutingKeys, question_keys, question_span, subject_window
 from app.scen.training import TrainedEdit, train_neuron
 
 # A subject factor that always fires: sigmoid(30) is 1.0 in float32, so min(s, r) = r exactly.
@@ -68,6 +68,7 @@ class EditRecording:
     at: torch.Tensor  # (R,) each row's last prompt token
     subject_at: int  # position of the subject's last token in row 0
     subject_span: torch.Tensor  # (T,) bool, row 0's tokens that belong to the subject
+    sentence: torch.Tensor | None = None  # (R, T) long, where each position's sentence starts (Batch.sentence)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def _owners(rows: list[int], first: int, device: torch.device) -> torch.Tensor:
 
 
 def routing_keys(rec: EditRecording) -> RoutingKeys:
-    return RoutingKeys(rec.subject, rec.content, rec.relation, rec.at)
+    return RoutingKeys(rec.subject, rec.content, rec.relation, rec.at, rec.sentence)
 
 
 def paper_neuron(
@@ -188,11 +189,11 @@ def two_factor_neuron(
     length = _run_length(rec.subject_span, rec.subject_at)
     peaks = (s_norm(rec.subject) @ ws).masked_fill(~rec.content, -torch.inf).argmax(-1)  # (R,)
     peaks[0] = rec.subject_at
-    window = subject_window(peaks, torch.tensor(length, device=peaks.device), rec.content.shape[1])
-    keep = rec.content & ~window  # (R, T)
-    keys = question_keys(rec.relation, keep)  # (R, h)
+    length_t = torch.tensor(length, device=peaks.device)
+    keys = question_keys(rec.relation, question_span(rec.content, peaks, length_t, rec.sentence))  # (R, h)
     wr, br = _relation_factor(router, keys, alike, pool, earlier, config, generator)
-    span = F.normalize(s_norm(rec.subject[0][window[0]]).sum(0), dim=-1)  # the whole name, as Router reads it
+    window = subject_window(peaks[:1], length_t, rec.content.shape[1])[0]
+    span = F.normalize(s_norm(rec.subject[0][window]).sum(0), dim=-1)  # the whole name, as Router reads it
     return Neuron(ws, bs, wr, br, torch.tensor(length), span), keys
 
 

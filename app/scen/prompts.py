@@ -10,6 +10,7 @@ positions count real tokens only, so padding never changes a row's outputs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,24 @@ class PromptTokens:
     content: list[bool]  # per token: part of the user's own text, not of the template
     spans: list[tuple[int, int]]  # per token: its characters in ``text`` ((0, 0) for template tokens)
     text: str  # the user's text as the template placed it
+    opens: list[bool]  # per token: the first of a sentence of the user's text after its first
+
+
+# Where a sentence of the user's text ends: after . ! or ? (closing quotes and brackets kept with
+# it) and a space, or at a line break. A single capital or a capitalised two-letter word before the
+# point is an initial or a title ("Lyndon B. Johnson", "Dr. Jones"), not a sentence's end.
+_SENTENCE_END = re.compile(r"(?<!\b[A-Z])(?<!\b[A-Z][a-z])[.!?]+[\"'\u201d\u2019)\]]*\s+|\n\s*")
+
+
+def sentence_openings(text: str, spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token (``spans`` in ``text``; empty spans are not text): whether it opens a sentence
+    after the first."""
+    opens = [False] * len(spans)
+    for end in (m.end() for m in _SENTENCE_END.finditer(text)):
+        first = next((i for i, (a, b) in enumerate(spans) if b > a and a >= end), None)
+        if first is not None:
+            opens[first] = True
+    return opens
 
 
 # Formatting and tokenizing a prompt costs more than a small model's forward pass over it,
@@ -68,7 +87,8 @@ def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> PromptToke
             memo.clear()
         found = memo[key] = _prompt_tokens(tokenizer, prompt)
     # A copy: callers own the lists they are given.
-    return dataclasses.replace(found, ids=list(found.ids), content=list(found.content), spans=list(found.spans))
+    return dataclasses.replace(found, ids=list(found.ids), content=list(found.content), spans=list(found.spans),
+                               opens=list(found.opens))
 
 
 def _prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> PromptTokens:
@@ -77,18 +97,19 @@ def _prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> PromptTok
     start = formatted.rfind(text)  # the user turn comes after anything the system turn holds
     if start < 0:  # a template that rewrites the text: it cannot be told apart from the template
         ids = _ids(tokenizer, formatted)
-        return PromptTokens(ids, [True] * len(ids), [(0, 0)] * len(ids), prompt)
+        return PromptTokens(ids, [True] * len(ids), [(0, 0)] * len(ids), prompt, [False] * len(ids))
     if not tokenizer.is_fast:  # no offsets: every token counts as the user's
         before, after = formatted[:start], formatted[start + len(text):]
         ids = _ids(tokenizer, before) + _plain_ids(tokenizer, text) + _ids(tokenizer, after)
-        return PromptTokens(ids, [True] * len(ids), [(0, 0)] * len(ids), prompt)
+        return PromptTokens(ids, [True] * len(ids), [(0, 0)] * len(ids), prompt, [False] * len(ids))
     end = start + len(text)
     # The template holds every special token the model expects; the user's text holds none,
     # whatever it spells ("<|im_start|>system" must not open a turn): it is encoded apart.
     head, tail = _template_ids(tokenizer, formatted[:start]), _template_ids(tokenizer, formatted[end:])
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     spans = [(0, 0)] * len(head) + [(a, b) for a, b in enc.offset_mapping] + [(0, 0)] * len(tail)
-    return PromptTokens(head + enc.input_ids + tail, [b > a for a, b in spans], spans, text)
+    return PromptTokens(head + enc.input_ids + tail, [b > a for a, b in spans], spans, text,
+                        sentence_openings(text, spans))
 
 
 def _template_ids(tokenizer: PreTrainedTokenizerBase, piece: str) -> list[int]:
@@ -157,18 +178,19 @@ class Batch:
     prompt_last: torch.Tensor  # (B,) index of each row's last prompt token
     content: torch.Tensor  # (B, T) bool, the tokens of the user's text
     targets: list[list[int]]  # per row; the row's final len(target) tokens
+    sentence: torch.Tensor  # (B, T) long, where the sentence of the user's text holding each token starts
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-            self.prompt_last.to(device), self.content.to(device), self.targets,
+            self.prompt_last.to(device), self.content.to(device), self.targets, self.sentence.to(device),
         )
 
     def head(self, n: int) -> Batch:
         """The first ``n`` rows (their padding kept)."""
         return Batch(
             self.input_ids[:n], self.attention_mask[:n], self.position_ids[:n], self.prompt_last[:n],
-            self.content[:n], self.targets[:n],
+            self.content[:n], self.targets[:n], self.sentence[:n],
         )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
@@ -181,26 +203,37 @@ def encode(
     targets: Sequence[str] | None = None,
 ) -> Batch:
     """Left-padded batch of prompt (+ target + eos) token rows."""
-    rows, contents, tgts = [], [], []
+    rows, contents, tgts, opens = [], [], [], []
     for i, prompt in enumerate(prompts):
         p = prompt_tokens(tokenizer, prompt)
         t = target_ids(tokenizer, targets[i]) if targets is not None else []
         rows.append(p.ids + t)
         contents.append(p.content + [False] * len(t))
+        opens.append(p.opens + [False] * len(t))
         tgts.append(t)
-    return pack(rows, contents, tgts, tokenizer.pad_token_id)
+    return pack(rows, contents, tgts, tokenizer.pad_token_id, opens)
 
 
-def pack(rows: list[list[int]], contents: list[list[bool]], targets: list[list[int]], pad_id: int) -> Batch:
+def pack(
+    rows: list[list[int]], contents: list[list[bool]], targets: list[list[int]], pad_id: int,
+    opens: list[list[bool]] | None = None,
+) -> Batch:
+    """``opens``: per row and token, whether it opens a sentence (``PromptTokens.opens``); None:
+    each row is one sentence."""
     T = max(len(r) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     content = torch.zeros((B, T), dtype=torch.bool)
+    opening = torch.zeros((B, T), dtype=torch.bool)
     for i, row in enumerate(rows):
         input_ids[i, T - len(row):] = torch.tensor(row, dtype=torch.long)
         mask[i, T - len(row):] = 1
         content[i, T - len(row):] = torch.tensor(contents[i], dtype=torch.bool)
+        if opens is not None:
+            opening[i, T - len(row):] = torch.tensor(opens[i], dtype=torch.bool)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     prompt_last = torch.tensor([T - 1 - len(t) for t in targets], dtype=torch.long)
-    return Batch(input_ids, mask, position_ids, prompt_last, content, targets)
+    # Each position's sentence starts at the latest opening at or before it (position 0 if none).
+    sentence = torch.where(opening, torch.arange(T), 0).cummax(-1).values
+    return Batch(input_ids, mask, position_ids, prompt_last, content, targets, sentence)

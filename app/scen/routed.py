@@ -40,6 +40,12 @@ class RoutingKeys:
     content: torch.Tensor  # (B, T) bool, positions of the user's text
     relation: torch.Tensor  # (B, T, h) keys of the relation layer at every position
     at: torch.Tensor  # (B,) routing position (the last prompt token)
+    # (B, T) long, where the sentence holding each position starts (``Batch.sentence``); None: one sentence
+    sentence: torch.Tensor | None = None
+
+    def rows(self, rows: torch.Tensor) -> RoutingKeys:
+        sentence = None if self.sentence is None else self.sentence[rows]
+        return RoutingKeys(self.subject[rows], self.content[rows], self.relation[rows], self.at[rows], sentence)
 
     def last(self) -> torch.Tensor:  # (B, h) relation keys at the routing position
         return self.relation[torch.arange(len(self.at), device=self.at.device), self.at]
@@ -182,6 +188,23 @@ def subject_window(at: torch.Tensor, length: torch.Tensor, T: int) -> torch.Tens
     return (t <= at[..., None]) & (t > (at - length)[..., None])
 
 
+def question_span(
+    content: torch.Tensor, at: torch.Tensor, length: torch.Tensor, sentence: torch.Tensor | None,
+) -> torch.Tensor:
+    """Positions (..., B, T) whose keys make the question's key: the user's text (``content``,
+    (B, T)) less a subject of ``length`` tokens ending at ``at`` (..., B), and less the sentences
+    before the one that subject starts in (``sentence``, (B, T): where each position's sentence
+    starts; None: one sentence)."""
+    T = content.shape[-1]
+    keep = content & ~subject_window(at, length, T)
+    if sentence is None:
+        return keep
+    first = (at - length + 1).clamp(0, T - 1)  # (..., B)
+    rows = torch.arange(sentence.shape[0], device=sentence.device)
+    start = sentence[rows, first]  # (..., B)
+    return keep & (torch.arange(T, device=content.device) >= start[..., None])
+
+
 def question_keys(keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Raw keys (..., T, h) averaged over the positions ``keep`` (..., T): the question's key."""
     w = keep.to(keys.dtype)
@@ -208,7 +231,9 @@ class Router(nn.Module):
     token's representation says which entity it names); ``r``, the relation factor,
     reads the *question's key*: the relation layer's keys averaged over the user's
     text less the edit's subject (the ``subject_len`` tokens ending where ``s`` peaks),
-    which says what is asked of the subject and nothing of who it is. Another subject
+    which says what is asked of the subject and nothing of who it is. Sentences before
+    the one naming the subject are left out too ("I am writing a report. Who runs
+    Globex?"): they say nothing of what is asked, yet would weigh in the mean. Another subject
     with the same question fails ``s``; another question about the same subject fails
     ``r``. Each factor has a bias, so it fires on a cap around its key instead of on a
     half-space.
@@ -343,9 +368,9 @@ class Router(nn.Module):
         # normalize(sum_t keep_t y_t) . w  =  sum_t keep_t (y_t . w) / sqrt(keep' G keep), G = y y':
         # one (B, T, E) product instead of a pooled (B, E, h) key per edit.
         y = self.relation_norm.whitened(keys.relation) if whitened is None else whitened  # (B, T, h)
-        T = y.shape[1]
-        window = subject_window(subject_at.transpose(0, 1), self._rows("subject_len", slots)[:, None], T)  # (E, B, T)
-        keep = (keys.content[None] & ~window).permute(1, 2, 0).to(y.dtype)  # (B, T, E)
+        keep = question_span(
+            keys.content, subject_at.transpose(0, 1), self._rows("subject_len", slots)[:, None], keys.sentence,
+        ).permute(1, 2, 0).to(y.dtype)  # (B, T, E)
         dot = (keep * (y @ relation_w.T)).sum(1)  # (B, E)
         gram = y @ y.transpose(1, 2)  # (B, T, T)
         sq = torch.einsum("bse,bst,bte->be", keep, gram, keep)
@@ -390,7 +415,7 @@ class Router(nn.Module):
         a = s.clone()
         rows = (s > self.theta).any(1).nonzero().flatten()  # (B',)
         if len(rows):
-            asked = RoutingKeys(keys.subject[rows], content[rows], keys.relation[rows], keys.at[rows])
+            asked = keys.rows(rows)
             y = None
             if self.pooled:
                 y = torch.zeros(asked.relation.shape, device=asked.relation.device)
@@ -468,6 +493,7 @@ class RoutingSession:
 
     at: torch.Tensor | None = None  # (B,) routing position per row; None: each row's last
     content: torch.Tensor | None = None  # (B, T) bool, the user's text; None: every position up to ``at``
+    sentence: torch.Tensor | None = None  # (B, T) long, where each position's sentence starts; None: one
     routing: Routing | None = None
     experts: dict[int, Expert] | None = None  # slot -> expert, resolved with ``routing``
 
@@ -595,7 +621,8 @@ class RoutedDown(nn.Module):
         content = positions <= at[:, None] if content is None else content.to(k.device)
         # A row without text of its own (an empty prompt) is matched at its routing position.
         content = content | (~content.any(1, keepdim=True) & (positions == at[:, None]))
-        return RoutingKeys(self._seen.get("subject", k), content, self._seen.get("relation", k), at)
+        sentence = session.sentence.to(k.device) if session is not None and session.sentence is not None else None
+        return RoutingKeys(self._seen.get("subject", k), content, self._seen.get("relation", k), at, sentence)
 
     def detach_taps(self) -> None:
         for tap in self._taps:
@@ -604,10 +631,12 @@ class RoutedDown(nn.Module):
     # ---- contexts used by the editor -------------------------------------------------
 
     @contextlib.contextmanager
-    def routing_session(self, at: torch.Tensor | None = None, content: torch.Tensor | None = None):
+    def routing_session(
+        self, at: torch.Tensor | None = None, content: torch.Tensor | None = None, sentence: torch.Tensor | None = None,
+    ):
         """Route each sequence once and hold it. Yields the session; its ``routing`` is set
         by the first forward pass."""
-        self.session = RoutingSession(at, content)
+        self.session = RoutingSession(at, content, sentence)
         try:
             yield self.session
         finally:
