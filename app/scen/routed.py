@@ -194,7 +194,8 @@ def question_span(
     """Positions (..., B, T) whose keys make the question's key: the user's text (``content``,
     (B, T)) less a subject of ``length`` tokens ending at ``at`` (..., B), and less the sentences
     before the one that subject starts in (``sentence``, (B, T): where each position's sentence
-    starts; None: one sentence)."""
+    starts; None: one sentence). Where nothing would be left ("Who runs it? Globex."), the
+    earlier sentences count."""
     T = content.shape[-1]
     keep = content & ~subject_window(at, length, T)
     if sentence is None:
@@ -202,7 +203,8 @@ def question_span(
     first = (at - length + 1).clamp(0, T - 1)  # (..., B)
     rows = torch.arange(sentence.shape[0], device=sentence.device)
     start = sentence[rows, first]  # (..., B)
-    return keep & (torch.arange(T, device=content.device) >= start[..., None])
+    latest = keep & (torch.arange(T, device=content.device) >= start[..., None])
+    return torch.where(latest.any(-1, keepdim=True), latest, keep)
 
 
 def question_keys(keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

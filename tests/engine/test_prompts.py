@@ -60,3 +60,37 @@ def test_plain_prompts_tokenise_as_the_whole_formatted_text():
     tok = tiny_tokenizer()
     for prompt in ["Who wrote Hamlet?", "What is 2+2?\n\nThanks", "  spaced  "]:
         assert prompt_tokens(tok, prompt).ids == tok(format_prompt(tok, prompt), add_special_tokens=False).input_ids
+
+
+def test_sentences_of_the_users_text_are_marked_where_they_open():
+    tok = tiny_tokenizer()
+
+    def openers(prompt: str) -> list[str]:
+        """The text from each opening token on."""
+        t = prompt_tokens(tok, prompt)
+        return [t.text[t.spans[i][0]:] for i, o in enumerate(t.opens) if o]
+
+    assert openers("I am writing a report. Who is the CEO of Globex?") == ["Who is the CEO of Globex?"]
+    assert openers("Thanks!\nAnd who founded it?") == ["And who founded it?"]
+    # Initials and titles end no sentence; neither does a point inside a number.
+    assert openers("Where is Lyndon B. Johnson Space Center?") == []
+    assert openers("Did Dr. Jones pay 3.5 dollars?") == []
+
+    batch = encode(tok, ["Who runs Globex?", "Hello there. Who runs Globex?"], ["A", "B"])
+    T = batch.input_ids.shape[1]
+    assert batch.sentence[0].max() == 0  # one sentence: every position's starts at 0
+    second = prompt_tokens(tok, "Hello there. Who runs Globex?")
+    opened = T - len(second.ids) - 2 + second.opens.index(True)  # 2: the target and end of turn
+    assert batch.sentence[1, opened:].eq(opened).all() and batch.sentence[1, :opened].lt(opened).all()
+
+
+def test_a_chats_last_message_marks_its_sentences_as_a_plain_prompt_does():
+    from app.scen.chats import Chat, Message, prompt_row
+
+    tok = tiny_tokenizer()
+    text = "I am writing a report. Who is the CEO of Globex?"
+    row = prompt_row(tok, Chat((Message("user", "Hi. Who are you?"), Message("assistant", "A bot. Ask."),
+                                Message("user", text))))
+    opened = [i for i, o in enumerate(row.opens) if o]
+    assert len(opened) == 1  # only the routed message's sentences, none of the earlier turns'
+    assert tok.decode(row.ids[opened[0]:]).startswith("Who is the CEO of Globex?")
