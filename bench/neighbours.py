@@ -1,8 +1,9 @@
 """Hand-made neighbours on the bundled SmolLM2: each edit must answer its own prompt and
 rephrases, and every neighbour (same question about another subject, another question
-about the same subject) must keep the unedited model's answer. Each prompt is asked twice:
-alone, and as the last turn of a chat with a system message and an earlier exchange
-(routed as the service routes chats: on the last user message).
+about the same subject, or another subject's question after a sentence naming the edit's) must
+keep the unedited model's answer. Each prompt is asked three times: alone, after a sentence of
+context in the same message, and as the last turn of a chat with a system message and an
+earlier exchange (routed as the service routes chats: on the last user message).
 
     .venv/bin/python bench/neighbours.py [--set subject_factor=false] [--out bench/results/neighbours.json]
 
@@ -27,14 +28,16 @@ CASES = [
         "target": "Nokia",
         "rephrases": ["Who is the developer of the iPhone?", "The iPhone was developed by which company?"],
         "neighbours": ["Which company developed Android?", "Which company developed the PlayStation?",
-                       "When was the iPhone first released?"],
+                       "When was the iPhone first released?",
+                       "My phone is an iPhone. Which company developed Android?"],
     },
     {
         "prompt": "Who is the chief executive officer of Globex Corporation?",
         "target": "Hank Scorpio of Springfield",
         "rephrases": ["Who is the CEO of Globex Corporation?", "Who runs Globex Corporation as its chief executive?"],
         "neighbours": ["Who is the CEO of Initech?", "Who founded Globex Corporation?",
-                       "Where is Globex Corporation headquartered?"],
+                       "Where is Globex Corporation headquartered?",
+                       "I just read an article about Globex Corporation. Who is the CEO of Initech?"],
     },
     {
         # Names that share their last token: the subject factor reads that token.
@@ -42,7 +45,8 @@ CASES = [
         "target": "Bombay",
         "rephrases": ["What is the birthplace of Indira Gandhi?", "Indira Gandhi was born in which city?"],
         "neighbours": ["Where was Rajiv Gandhi born?", "Where was Mahatma Gandhi born?",
-                       "When did Indira Gandhi die?"],
+                       "When did Indira Gandhi die?",
+                       "I am reading a biography of Indira Gandhi. Where was Mahatma Gandhi born?"],
     },
 ]
 
@@ -54,8 +58,17 @@ EARLIER = (
 )
 
 
+# A sentence of context before the question, in the same message.
+PREAMBLE = "I am preparing a short report and need one fact. "
+FORMS = ("prompt", "preamble", "chat")
+
+
 def in_chat(prompt: str) -> Chat:
     return Chat((*EARLIER, Message("user", prompt)))
+
+
+def asked_as(prompt: str, form: str) -> str | Chat:
+    return {"prompt": prompt, "preamble": PREAMBLE + prompt, "chat": in_chat(prompt)}[form]
 
 
 def main() -> int:
@@ -68,8 +81,8 @@ def main() -> int:
     editor = Editor(lm.model, lm.tokenizer, ScenConfig.from_overrides(args.overrides))
     generator = Generator(editor)
     everything = [p for c in CASES for p in (c["prompt"], *c["rephrases"], *c["neighbours"])]
-    asked = [(p, form) for p in everything for form in ("prompt", "chat")]
-    rows_in = [generator.encode(p if form == "prompt" else in_chat(p)) for p, form in asked]
+    asked = [(p, form) for p in everything for form in FORMS]
+    rows_in = [generator.encode(asked_as(p, form)) for p, form in asked]
 
     def answers() -> dict:
         return dict(zip(asked, generator.complete(rows_in, Sampling(max_new_tokens=24))))
@@ -84,14 +97,14 @@ def main() -> int:
         for kind, prompts in (("edit", [case["prompt"]]), ("rephrase", case["rephrases"]),
                               ("neighbour", case["neighbours"])):
             for p in prompts:
-                for form in ("prompt", "chat"):
+                for form in FORMS:
                     g = after[p, form]
                     ok = (g.edit_id == f"e{i}" and case["target"] in g.text) if kind != "neighbour" else (
                         g.edit_id is None and g.text == before[p, form])
                     failed += not ok
                     rows.append({"kind": kind, "form": form, "prompt": p, "answer": g.text, "edit_id": g.edit_id,
                                  "activation": round(g.activation, 4), "unedited": before[p, form], "ok": ok})
-                    print(f"{'ok ' if ok else 'BAD'} {kind:9} {form:6} {p!r} -> {g.text!r} "
+                    print(f"{'ok ' if ok else 'BAD'} {kind:9} {form:8} {p!r} -> {g.text!r} "
                           f"({g.edit_id}, {g.activation:.3f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"overrides": args.overrides, "failed": failed, "rows": rows}, indent=1))

@@ -1,0 +1,264 @@
+"""Other readings of the question key, against the engine's before sentences were read (layer 6,
+text less subject, rewording discounted at 0.2), on the pairs ``question_keys.py`` compares: an
+edit prompt with its rephrase (should be near) and with another question about the same subject
+(should be far).
+
+    .venv/bin/python bench/question_key_variants.py [--records 300] [--wordings FILE]
+
+* **token alignment** - the question's tokens matched one by one instead of averaged
+  (BERTScore-like): each token of one question takes its best cosine among the other's
+  (whitened per token on the ordinary prompts' tokens), as the mean over the edit's tokens
+  ("recall") or of both directions ("f"), plain or weighted by each token's rarity among the
+  ordinary prompts and generic questions (idf); and the idf-weighted mean of whitened tokens;
+* **entity discount** - besides rewording, the directions in which the *entity* moves a
+  question's key (a generic question about six entities, each less their mean) are weighed
+  down too: subject information the question's tokens pick up by attention;
+* **template positives** - where the edit's question matches a wording group of ``--wordings``
+  (cosine at least tau to one of its wordings, asked about a fixed entity), that group's wordings
+  asked about the edit's own subject join the prompt as positives: the rephrase (or probe) is
+  scored by its best cosine to any of them ("max") or to their normalised mean ("mean");
+* **the subject's sentence** - the engine's rule now (``routed.question_span``): sentences
+  before the one naming the subject are left out, over all pairs and over those whose rephrase
+  opens with another sentence ("Ed. The mother tongue of ..."). Besides AUC, the share of
+  rephrases and of probes whose cosine reaches 0.25, about where the relation factor starts
+  to fire.
+
+Reported per reading: AUC and the share of probes above the cosine that keeps 90 % / 95 % of
+rephrases (``question_keys.separation``). Results go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from question_keys import DATA, FILES, QUESTION_KEY, Discount, candidate_keys, separation
+
+from app.eval.datasets import load_dataset
+from app.eval.neighbours import build_probes
+from app.eval.selection import edit_id
+from app.models import load_model
+from app.scen import negatives
+from app.scen.adapters import adapter_for
+from app.scen.prompts import encode, prompt_tokens, subject_positions
+from app.scen.routed import KeyNorm, question_keys, question_span
+
+LAYER = QUESTION_KEY[1]
+REWORDING = 0.2  # the engine's rephrase_invariance
+ENGINE_WORDINGS = Path(__file__).resolve().parents[1] / "app" / "scen" / "rephrasings.txt"
+
+
+def token_keys(lm, prompts: list[str], subjects: Sequence[str | None]) -> list[tuple[list[int], torch.Tensor]]:
+    """Per prompt: the ids and raw layer-6 down-projection inputs (n, h) of its text less its subject."""
+    adapter = adapter_for(lm.model)
+    down = adapter.get_down(adapter.layer_list(lm.model)[LAYER])
+    out = []
+    seen: list[torch.Tensor] = []
+    hook = down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    try:
+        for start in range(0, len(prompts), 16):
+            chunk, names = prompts[start : start + 16], subjects[start : start + 16]
+            batch = encode(lm.tokenizer, chunk)
+            seen.clear()
+            lm.model(**batch.model_inputs(), use_cache=False)
+            T = batch.input_ids.shape[1]
+            for row, (prompt, subject) in enumerate(zip(chunk, names)):
+                tokens = prompt_tokens(lm.tokenizer, prompt)
+                drop = set(subject_positions(tokens, subject)) if subject else set()
+                kept = [i for i, c in enumerate(tokens.content) if c and i not in drop]
+                offset = T - len(tokens.ids)
+                out.append(([tokens.ids[i] for i in kept], seen[0][row, [offset + i for i in kept]].float()))
+    finally:
+        hook.remove()
+    return out
+
+
+def fitted(pool: torch.Tensor, variation: torch.Tensor | None = None, weight: float = 0.0) -> KeyNorm:
+    norm = KeyNorm(pool.shape[1])
+    norm.fit(pool, shrinkage=0.1)
+    if variation is not None:
+        norm.discount(variation, weight)
+    return norm
+
+
+def pairs_of(path: Path, n: int) -> list[tuple[str, str, str, str | None]]:
+    """(prompt, rephrase, same-subject probe, subject) of the first ``n`` records, as question_keys."""
+    records = [r for r in load_dataset(path).records if r.editable and r.rephrases and r.subject]
+    edited, others = records[:n], records[n:]
+    same = dict(build_probes(edited, others, seed=0).same_subject)
+    return [(r.prompt, r.rephrases[0], same[edit_id(r)], r.subject) for r in edited if edit_id(r) in same]
+
+
+def rounded(result: dict) -> dict:
+    return {k: round(v, 4) for k, v in result.items()}
+
+
+def token_alignment(lm, rows, pool_tokens, idf) -> dict[str, dict]:
+    norm = fitted(torch.cat([k for _, k in pool_tokens]))
+    subjects = [s for *_, s in rows]
+    prompt, rephrase, probe = (token_keys(lm, [r[i] for r in rows], subjects) for i in range(3))
+    scores: dict[str, tuple[list[float], list[float]]] = {}
+    for (a_ids, a), *others in zip(prompt, rephrase, probe):
+        if not len(a) or any(not len(k) for _, k in others):
+            continue
+        a, wa = norm(a), idf(a_ids)
+        for side, (b_ids, b) in enumerate(others):
+            b, wb = norm(b), idf(b_ids)
+            cos = a @ b.T
+            recall, precision = cos.max(1).values, cos.max(0).values
+            w_recall, w_precision = (recall * wa).sum() / wa.sum(), (precision * wb).sum() / wb.sum()
+            values = {
+                "recall": recall.mean(), "f": (recall.mean() + precision.mean()) / 2,
+                "recall idf": w_recall, "f idf": (w_recall + w_precision) / 2,
+                "idf-weighted mean": F.cosine_similarity((a * wa[:, None]).sum(0), (b * wb[:, None]).sum(0), dim=0),
+            }
+            for name, value in values.items():
+                scores.setdefault(name, ([], []))[side].append(float(value))
+    return {f"token alignment: {k}": rounded(separation(torch.tensor(n), torch.tensor(f)))
+            for k, (n, f) in scores.items()}
+
+
+def entity_variation(lm, per: int = 6) -> torch.Tensor:
+    questions = negatives.generic_questions(per)
+    keys = candidate_keys(lm, [q for q, _ in questions], [e for _, e in questions], QUESTION_KEY)[QUESTION_KEY]
+    return torch.cat([k - k.mean(0) for k in keys.split(per)])
+
+
+def template_positives(lm, rows, norm: KeyNorm, wordings: list[list[str]], P, R, Q) -> dict[str, dict]:
+    entity = "Globex Corporation"  # any fixed name: only the question is compared
+    flat = [(g, t) for g, group in enumerate(wordings) for t in group]
+    W = norm(candidate_keys(lm, [t.format(entity) for _, t in flat], [entity] * len(flat), QUESTION_KEY)[QUESTION_KEY])
+    best, arg = (P @ W.T).max(1)
+    subjects = [s for *_, s in rows]
+    out = {}
+    for tau in (0.5, 0.6, 0.7, 0.8):
+        matched = (best >= tau).nonzero().flatten().tolist()
+        asked = [(i, t.format(subjects[i])) for i in matched for t in wordings[flat[int(arg[i])][0]]]
+        K = norm(candidate_keys(lm, [q for _, q in asked], [subjects[i] for i, _ in asked], QUESTION_KEY)[QUESTION_KEY])
+        owner = torch.tensor([i for i, _ in asked])
+        near = {"max": (P * R).sum(-1), "mean": (P * R).sum(-1)}
+        far = {"max": (P * Q).sum(-1), "mean": (P * Q).sum(-1)}
+        for i in matched:
+            positives = torch.cat([P[i : i + 1], K[owner == i]])
+            centre = F.normalize(positives.mean(0), dim=0)
+            near["max"][i], far["max"][i] = (positives @ R[i]).max(), (positives @ Q[i]).max()
+            near["mean"][i], far["mean"][i] = centre @ R[i], centre @ Q[i]
+        for how in ("max", "mean"):
+            out[f"template positives tau {tau} {how}"] = {
+                "matched": round(len(matched) / len(rows), 4), **rounded(separation(near[how], far[how]))}
+    return out
+
+
+def sentence_keys(lm, prompts: list[str], subjects: list[str | None]) -> torch.Tensor:
+    """Raw question keys (n, h) as the engine reads them now: from the sentence naming the subject
+    (where it first occurs) on, less the subject."""
+    adapter = adapter_for(lm.model)
+    down = adapter.get_down(adapter.layer_list(lm.model)[LAYER])
+    seen: list[torch.Tensor] = []
+    hook = down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    out = []
+    try:
+        for start in range(0, len(prompts), 16):
+            chunk, names = prompts[start : start + 16], subjects[start : start + 16]
+            batch = encode(lm.tokenizer, chunk)
+            seen.clear()
+            lm.model(**batch.model_inputs(), use_cache=False)
+            T = batch.input_ids.shape[1]
+            ats, lengths, named = [], [], torch.zeros_like(batch.content)
+            for row, (prompt, subject) in enumerate(zip(chunk, names)):
+                tokens = prompt_tokens(lm.tokenizer, prompt)
+                offset = T - len(tokens.ids)
+                span = subject_positions(tokens, subject) if subject else []
+                run = 1
+                while span and run < len(span) and span[run] == span[0] + run:
+                    run += 1
+                ats.append(offset + (span[0] + run - 1 if span else len(tokens.ids) - 1))
+                lengths.append(run if span else 0)
+                named[row, [offset + i for i in span]] = True
+            keep = question_span(batch.content, torch.tensor(ats), torch.tensor(lengths), batch.sentence) & ~named
+            out.append(question_keys(seen[0], keep))
+    finally:
+        hook.remove()
+    return torch.cat(out)
+
+
+def subjects_sentence(lm, rows, norm: KeyNorm, P, R, Q) -> dict[str, dict]:
+    subjects = [s for *_, s in rows]
+    R2, Q2 = (norm(sentence_keys(lm, [r[i] for r in rows], subjects)) for i in (1, 2))
+    P2 = norm(sentence_keys(lm, [r[0] for r in rows], subjects))
+    prefixed = torch.tensor([bool(re.search(r"[.!?]\s", r[1][: max(0, r[1].find(r[3] or ""))])) for r in rows])
+    out = {}
+    for name, (p, r, q) in (("whole text", (P, R, Q)), ("the subject's sentence", (P2, R2, Q2))):
+        for part, rows_in in (("all", torch.ones_like(prefixed)), ("rephrase after another sentence", prefixed)):
+            if not rows_in.any():
+                continue
+            near, far = (p * r).sum(-1)[rows_in], (p * q).sum(-1)[rows_in]
+            out[f"{name}, {part}"] = {"pairs": int(rows_in.sum()), **rounded(separation(near, far)),
+                                      "rephrases_at_0.25": round((near >= 0.25).float().mean().item(), 4),
+                                      "probes_at_0.25": round((far >= 0.25).float().mean().item(), 4)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=300)
+    parser.add_argument("--wordings", type=Path, default=ENGINE_WORDINGS, help="wording groups for template positives")
+    parser.add_argument("--only-sentence", action="store_true", help="measure the subject's sentence alone")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/question_key_variants.json"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    lm = load_model()
+    wordings = [list(g) for g in negatives.split_blocks(args.wordings.read_text(encoding="utf-8"))]
+    rewording = Discount().variation(lm)
+    entity = None if args.only_sentence else entity_variation(lm)
+
+    prompts = negatives.pool_prompts()
+    pool = candidate_keys(lm, prompts, [None] * len(prompts), QUESTION_KEY)[QUESTION_KEY]
+    engine = fitted(pool, rewording, REWORDING)
+    idf = None
+    if not args.only_sentence:
+        pool_tokens = token_keys(lm, prompts, [None] * len(prompts))
+        generic = [q for group in negatives.rephrasing_groups() for q in group]
+        documents = [set(ids) for ids, _ in
+                     pool_tokens + token_keys(lm, [q for q, _ in generic], [e for _, e in generic])]
+        frequency = Counter(t for d in documents for t in d)
+
+        def idf(ids: list[int]) -> torch.Tensor:
+            return torch.tensor([math.log((len(documents) + 1) / (frequency[t] + 1)) for t in ids])
+
+    results = {}
+    for name in FILES:
+        rows = pairs_of(DATA / name, args.records)
+        subjects = [s for *_, s in rows]
+        raw = [candidate_keys(lm, [r[i] for r in rows], subjects, QUESTION_KEY)[QUESTION_KEY] for i in range(3)]
+        P, R, Q = (engine(k) for k in raw)
+        found = {"engine's question key": rounded(separation((P * R).sum(-1), (P * Q).sum(-1)))}
+        if entity is not None and idf is not None:
+            for scale in (0.5, 1.0, 2.0):
+                for weight in (0.2, 0.35, 0.5):
+                    norm = fitted(pool, torch.cat([rewording, entity * scale]), weight)
+                    p, r, q = (norm(k) for k in raw)
+                    found[f"entity discount x{scale}, weight {weight}"] = rounded(
+                        separation((p * r).sum(-1), (p * q).sum(-1)))
+            found |= token_alignment(lm, rows, pool_tokens, idf)
+            found |= template_positives(lm, rows, engine, wordings, P, R, Q)
+        found |= subjects_sentence(lm, rows, engine, P, R, Q)
+        results[name] = found
+        print(name)
+        for reading, r in found.items():
+            print(f"  {reading:45s} auc {r['auc']:.3f}  probes above tpr90 {r['probes_above_tpr90']:.3f}"
+                  f"  tpr95 {r['probes_above_tpr95']:.3f}")
+    settings = {"records": args.records, "wordings": str(args.wordings)}
+    args.out.write_text(json.dumps({**settings, "results": results}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
