@@ -34,7 +34,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ from app.eval.selection import edit_id
 from app.models import load_model
 from app.scen import negatives
 from app.scen.adapters import adapter_for
-from app.scen.prompts import encode, prompt_tokens, subject_positions
+from app.scen.prompts import Batch, encode, prompt_tokens, subject_positions
 from app.scen.routed import KeyNorm, question_keys, question_span
 
 LAYER = QUESTION_KEY[1]
@@ -55,11 +55,11 @@ REWORDING = 0.2  # the engine's rephrase_invariance
 ENGINE_WORDINGS = Path(__file__).resolve().parents[1] / "app" / "scen" / "rephrasings.txt"
 
 
-def token_keys(lm, prompts: list[str], subjects: Sequence[str | None]) -> list[tuple[list[int], torch.Tensor]]:
-    """Per prompt: the ids and raw layer-6 down-projection inputs (n, h) of its text less its subject."""
+def layer_batches(lm, prompts: list[str], subjects: Sequence[str | None]) -> Iterator[tuple[Batch, torch.Tensor, list]]:
+    """Per batch of 16 prompts: the batch, its raw layer-6 down-projection inputs (B, T, h), and
+    per row (its tokens, its subject, its left padding)."""
     adapter = adapter_for(lm.model)
     down = adapter.get_down(adapter.layer_list(lm.model)[LAYER])
-    out = []
     seen: list[torch.Tensor] = []
     hook = down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     try:
@@ -69,14 +69,21 @@ def token_keys(lm, prompts: list[str], subjects: Sequence[str | None]) -> list[t
             seen.clear()
             lm.model(**batch.model_inputs(), use_cache=False)
             T = batch.input_ids.shape[1]
-            for row, (prompt, subject) in enumerate(zip(chunk, names)):
-                tokens = prompt_tokens(lm.tokenizer, prompt)
-                drop = set(subject_positions(tokens, subject)) if subject else set()
-                kept = [i for i, c in enumerate(tokens.content) if c and i not in drop]
-                offset = T - len(tokens.ids)
-                out.append(([tokens.ids[i] for i in kept], seen[0][row, [offset + i for i in kept]].float()))
+            tokens = [prompt_tokens(lm.tokenizer, p) for p in chunk]
+            rows = [(t, subject, T - len(t.ids)) for t, subject in zip(tokens, names)]
+            yield batch, seen[0], rows
     finally:
         hook.remove()
+
+
+def token_keys(lm, prompts: list[str], subjects: Sequence[str | None]) -> list[tuple[list[int], torch.Tensor]]:
+    """Per prompt: the ids and raw layer-6 down-projection inputs (n, h) of its text less its subject."""
+    out = []
+    for _, keys, rows in layer_batches(lm, prompts, subjects):
+        for row, (tokens, subject, offset) in enumerate(rows):
+            drop = set(subject_positions(tokens, subject)) if subject else set()
+            kept = [i for i, c in enumerate(tokens.content) if c and i not in drop]
+            out.append(([tokens.ids[i] for i in kept], keys[row, [offset + i for i in kept]].float()))
     return out
 
 
@@ -159,33 +166,19 @@ def template_positives(lm, rows, norm: KeyNorm, wordings: list[list[str]], P, R,
 def sentence_keys(lm, prompts: list[str], subjects: list[str | None]) -> torch.Tensor:
     """Raw question keys (n, h) as the engine reads them now: from the sentence naming the subject
     (where it first occurs) on, less the subject."""
-    adapter = adapter_for(lm.model)
-    down = adapter.get_down(adapter.layer_list(lm.model)[LAYER])
-    seen: list[torch.Tensor] = []
-    hook = down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     out = []
-    try:
-        for start in range(0, len(prompts), 16):
-            chunk, names = prompts[start : start + 16], subjects[start : start + 16]
-            batch = encode(lm.tokenizer, chunk)
-            seen.clear()
-            lm.model(**batch.model_inputs(), use_cache=False)
-            T = batch.input_ids.shape[1]
-            ats, lengths, named = [], [], torch.zeros_like(batch.content)
-            for row, (prompt, subject) in enumerate(zip(chunk, names)):
-                tokens = prompt_tokens(lm.tokenizer, prompt)
-                offset = T - len(tokens.ids)
-                span = subject_positions(tokens, subject) if subject else []
-                run = 1
-                while span and run < len(span) and span[run] == span[0] + run:
-                    run += 1
-                ats.append(offset + (span[0] + run - 1 if span else len(tokens.ids) - 1))
-                lengths.append(run if span else 0)
-                named[row, [offset + i for i in span]] = True
-            keep = question_span(batch.content, torch.tensor(ats), torch.tensor(lengths), batch.sentence) & ~named
-            out.append(question_keys(seen[0], keep))
-    finally:
-        hook.remove()
+    for batch, keys, rows in layer_batches(lm, prompts, subjects):
+        ats, lengths, named = [], [], torch.zeros_like(batch.content)
+        for row, (tokens, subject, offset) in enumerate(rows):
+            span = subject_positions(tokens, subject) if subject else []
+            run = 1
+            while span and run < len(span) and span[run] == span[0] + run:
+                run += 1
+            ats.append(offset + (span[0] + run - 1 if span else len(tokens.ids) - 1))
+            lengths.append(run if span else 0)
+            named[row, [offset + i for i in span]] = True
+        keep = question_span(batch.content, torch.tensor(ats), torch.tensor(lengths), batch.sentence) & ~named
+        out.append(question_keys(keys, keep))
     return torch.cat(out)
 
 
