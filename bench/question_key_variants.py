@@ -19,7 +19,7 @@ edit prompt with its rephrase (should be near) and with another question about t
   scored by its best cosine to any of them ("max") or to their normalised mean ("mean");
 * **the subject's sentence** - the engine's rule now (``routed.question_span``): sentences
   before the one naming the subject are left out, over all pairs and over those whose rephrase
-  opens with another sentence ("Ed. The mother tongue of ..."). Besides AUC, the share of
+  opens with another sentence. Besides AUC, the share of
   rephrases and of probes whose cosine reaches 0.25, about where the relation factor starts
   to fire.
 
