@@ -34,16 +34,13 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from question_keys import DATA, FILES, QUESTION_KEY, Discount, candidate_keys, separation
+from question_keys import DATA, FILES, QUESTION_KEY, Discount, candidate_keys, pairs_of, separation
 
-from app.eval.datasets import load_dataset
-from app.eval.neighbours import build_probes
-from app.eval.selection import edit_id
 from app.models import load_model
 from app.scen import negatives
 from app.scen.adapters import adapter_for
@@ -95,16 +92,16 @@ def fitted(pool: torch.Tensor, variation: torch.Tensor | None = None, weight: fl
     return norm
 
 
-def pairs_of(path: Path, n: int) -> list[tuple[str, str, str, str | None]]:
-    """(prompt, rephrase, same-subject probe, subject) of the first ``n`` records, as question_keys."""
-    records = [r for r in load_dataset(path).records if r.editable and r.rephrases and r.subject]
-    edited, others = records[:n], records[n:]
-    same = dict(build_probes(edited, others, seed=0).same_subject)
-    return [(r.prompt, r.rephrases[0], same[edit_id(r)], r.subject) for r in edited if edit_id(r) in same]
-
-
 def rounded(result: dict) -> dict:
     return {k: round(v, 4) for k, v in result.items()}
+
+
+def rarity(lm, pool_tokens: list[tuple[list[int], torch.Tensor]]) -> Callable[[list[int]], torch.Tensor]:
+    """Token ids -> their idf over the ordinary prompts and the generic questions, one document each."""
+    generic = [q for group in negatives.rephrasing_groups() for q in group]
+    documents = [set(ids) for ids, _ in pool_tokens + token_keys(lm, [q for q, _ in generic], [e for _, e in generic])]
+    frequency = Counter(t for d in documents for t in d)
+    return lambda ids: torch.tensor([math.log((len(documents) + 1) / (frequency[t] + 1)) for t in ids])
 
 
 def token_alignment(lm, rows, pool_tokens, idf) -> dict[str, dict]:
@@ -184,8 +181,7 @@ def sentence_keys(lm, prompts: list[str], subjects: list[str | None]) -> torch.T
 
 def subjects_sentence(lm, rows, norm: KeyNorm, P, R, Q) -> dict[str, dict]:
     subjects = [s for *_, s in rows]
-    R2, Q2 = (norm(sentence_keys(lm, [r[i] for r in rows], subjects)) for i in (1, 2))
-    P2 = norm(sentence_keys(lm, [r[0] for r in rows], subjects))
+    P2, R2, Q2 = (norm(sentence_keys(lm, [r[i] for r in rows], subjects)) for i in range(3))
     prefixed = torch.tensor([bool(re.search(r"[.!?]\s", r[1][: max(0, r[1].find(r[3] or ""))])) for r in rows])
     out = {}
     for name, (p, r, q) in (("whole text", (P, R, Q)), ("the subject's sentence", (P2, R2, Q2))):
@@ -215,17 +211,8 @@ def main() -> None:
     prompts = negatives.pool_prompts()
     pool = candidate_keys(lm, prompts, [None] * len(prompts), QUESTION_KEY)[QUESTION_KEY]
     engine = fitted(pool, rewording, REWORDING)
-    idf = None
-    if not args.only_sentence:
-        pool_tokens = token_keys(lm, prompts, [None] * len(prompts))
-        generic = [q for group in negatives.rephrasing_groups() for q in group]
-        documents = [set(ids) for ids, _ in
-                     pool_tokens + token_keys(lm, [q for q, _ in generic], [e for _, e in generic])]
-        frequency = Counter(t for d in documents for t in d)
-
-        def idf(ids: list[int]) -> torch.Tensor:
-            return torch.tensor([math.log((len(documents) + 1) / (frequency[t] + 1)) for t in ids])
-
+    pool_tokens = [] if args.only_sentence else token_keys(lm, prompts, [None] * len(prompts))
+    idf = None if args.only_sentence else rarity(lm, pool_tokens)
     results = {}
     for name in FILES:
         rows = pairs_of(DATA / name, args.records)

@@ -98,11 +98,16 @@ def _keep(seen: dict[int, torch.Tensor], layer: int):
     return hook
 
 
-def compare(lm, path: Path, n: int, discount: Discount) -> list[dict]:
+def pairs_of(path: Path, n: int) -> list[tuple[str, str, str, str | None]]:
+    """(prompt, rephrase, same-subject probe, subject) of the first ``n`` records with a rephrase and a probe."""
     records = [r for r in load_dataset(path).records if r.editable and r.rephrases and r.subject]
     edited, others = records[:n], records[n:]
     same = dict(build_probes(edited, others, seed=0).same_subject)
-    rows = [(r.prompt, r.rephrases[0], same[edit_id(r)], r.subject) for r in edited if edit_id(r) in same]
+    return [(r.prompt, r.rephrases[0], same[edit_id(r)], r.subject) for r in edited if edit_id(r) in same]
+
+
+def compare(lm, path: Path, n: int, discount: Discount) -> list[dict]:
+    rows = pairs_of(path, n)
     subjects = [s for *_, s in rows]
     pool_prompts = negatives.pool_prompts()
     only = QUESTION_KEY if discount.only else None
