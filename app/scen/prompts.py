@@ -55,7 +55,9 @@ def sentence_openings(text: str, spans: Sequence[tuple[int, int]]) -> list[bool]
     after the first."""
     opens = [False] * len(spans)
     for end in (m.end() for m in _SENTENCE_END.finditer(text)):
-        first = next((i for i, (a, b) in enumerate(spans) if b > a and a >= end), None)
+        # The first token holding any of the sentence's text: byte-level tokenizers (GPT-2,
+        # Llama 3, SmolLM2) put the space before a word inside that word's span.
+        first = next((i for i, (a, b) in enumerate(spans) if b > max(a, end)), None)
         if first is not None:
             opens[first] = True
     return opens

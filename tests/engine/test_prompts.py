@@ -1,7 +1,14 @@
 import random
 
 from app.scen import negatives
-from app.scen.prompts import encode, format_prompt, prompt_tokens, subject_positions, target_ids
+from app.scen.prompts import (
+    encode,
+    format_prompt,
+    prompt_tokens,
+    sentence_openings,
+    subject_positions,
+    target_ids,
+)
 from tests.utils.tiny_models import tiny_tokenizer
 
 
@@ -82,6 +89,17 @@ def test_sentences_of_the_users_text_are_marked_where_they_open():
     second = prompt_tokens(tok, "Hello there. Who runs Globex?")
     opened = T - len(second.ids) - 2 + second.opens.index(True)  # 2: the target and end of turn
     assert batch.sentence[1, opened:].eq(opened).all() and batch.sentence[1, :opened].lt(opened).all()
+
+
+def test_a_sentence_opens_at_its_first_word_when_spans_carry_the_space_before_it():
+    text = "It rained. Karl died"
+    # As byte-level tokenizers report them: " Karl" spans (10, 15), the space included.
+    leading = [(0, 2), (2, 9), (9, 10), (10, 15), (15, 20)]
+    trimmed = [(0, 2), (3, 9), (9, 10), (11, 15), (16, 20)]
+    assert sentence_openings(text, leading) == [False, False, False, True, False]
+    assert sentence_openings(text, trimmed) == [False, False, False, True, False]
+    # Spans that are not text (template tokens) never open a sentence.
+    assert sentence_openings(text, [(0, 10), (0, 0), (10, 20)]) == [False, False, True]
 
 
 def test_a_chats_last_message_marks_its_sentences_as_a_plain_prompt_does():
