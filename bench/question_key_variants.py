@@ -17,6 +17,11 @@ edit prompt with its rephrase (should be near) and with another question about t
   (cosine at least tau to one of its wordings, asked about a fixed entity), that group's wordings
   asked about the edit's own subject join the prompt as positives: the rephrase (or probe) is
   scored by its best cosine to any of them ("max") or to their normalised mean ("mean");
+* **contrast with generic relations** - the rephrase (or probe) scored by its cosine to the
+  prompt less ``lam`` times its best cosine to a generic relation (``relations.txt``, each
+  template's mean key over six entities) that lies below ``tau`` of the prompt: a question nearer
+  another relation than the edit's would lose. Also the share whose nearest generic relation is
+  the prompt's own;
 * **the subject's sentence** - the engine's rule now (``routed.question_span``): sentences
   before the one naming the subject are left out, over all pairs and over those whose rephrase
   opens with another sentence. Besides AUC, the share of
@@ -160,6 +165,24 @@ def template_positives(lm, rows, norm: KeyNorm, wordings: list[list[str]], P, R,
     return out
 
 
+def relation_contrast(lm, norm: KeyNorm, P, R, Q, per: int = 6) -> dict[str, dict]:
+    questions = negatives.generic_questions(per)
+    G = norm(candidate_keys(lm, [q for q, _ in questions], [e for _, e in questions], QUESTION_KEY)[QUESTION_KEY])
+    G = F.normalize(G.view(-1, per, G.shape[-1]).mean(1), dim=-1)
+    PG = P @ G.T
+    out = {}
+    for tau in (0.4, 0.5, 0.6):
+        near_rival, far_rival = ((X @ G.T).masked_fill(PG >= tau, -1.0).max(-1).values for X in (R, Q))
+        for lam in (0.5, 1.0, 1.5):
+            out[f"contrast with generic relations tau {tau} lam {lam}"] = rounded(
+                separation((P * R).sum(-1) - lam * near_rival, (P * Q).sum(-1) - lam * far_rival))
+    nearest = PG.argmax(-1)
+    out["nearest generic relation is the prompt's"] = {
+        "rephrases": round(((R @ G.T).argmax(-1) == nearest).float().mean().item(), 4),
+        "probes": round(((Q @ G.T).argmax(-1) == nearest).float().mean().item(), 4)}
+    return out
+
+
 def sentence_keys(lm, prompts: list[str], subjects: list[str | None]) -> torch.Tensor:
     """Raw question keys (n, h) as the engine reads them now: from the sentence naming the subject
     (where it first occurs) on, less the subject."""
@@ -229,12 +252,12 @@ def main() -> None:
                         separation((p * r).sum(-1), (p * q).sum(-1)))
             found |= token_alignment(lm, rows, pool_tokens, idf)
             found |= template_positives(lm, rows, engine, wordings, P, R, Q)
+            found |= relation_contrast(lm, engine, P, R, Q)
         found |= subjects_sentence(lm, rows, engine, P, R, Q)
         results[name] = found
         print(name)
         for reading, r in found.items():
-            print(f"  {reading:45s} auc {r['auc']:.3f}  probes above tpr90 {r['probes_above_tpr90']:.3f}"
-                  f"  tpr95 {r['probes_above_tpr95']:.3f}")
+            print(f"  {reading:45s} " + "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "pairs"))
     settings = {"records": args.records, "wordings": str(args.wordings)}
     args.out.write_text(json.dumps({**settings, "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")
