@@ -24,7 +24,8 @@ edit prompt with its rephrase (should be near) and with another question about t
   the prompt's own;
 * **the subject's sentence** - the engine's rule now (``routed.question_span``): sentences
   before the one naming the subject are left out, over all pairs and over those whose rephrase
-  opens with another sentence. Besides AUC, the share of
+  opens with another sentence; and that sentence read alone, in a forward pass of its own, so
+  that the sentences before it cannot reach its keys through attention. Besides AUC, the share of
   rephrases and of probes whose cosine reaches 0.25, about where the relation factor starts
   to fire.
 
@@ -202,12 +203,27 @@ def sentence_keys(lm, prompts: list[str], subjects: list[str | None]) -> torch.T
     return torch.cat(out)
 
 
+def from_subjects_sentence(lm, prompt: str, subject: str | None) -> str:
+    """``prompt`` from the sentence its subject first occurs in (by the engine's openings); the
+    whole prompt where that sentence holds nothing but the subject, as the engine reads it."""
+    tokens = prompt_tokens(lm.tokenizer, prompt)
+    span = subject_positions(tokens, subject) if subject else []
+    opening = max((i for i in range(span[0] + 1) if tokens.opens[i]), default=None) if span else None
+    if opening is None:
+        return prompt
+    cut = prompt[tokens.spans[opening][0]:].lstrip()
+    return cut if re.search(r"\w", cut.replace(subject or "", "", 1)) else prompt
+
+
 def subjects_sentence(lm, rows, norm: KeyNorm, P, R, Q) -> dict[str, dict]:
     subjects = [s for *_, s in rows]
     P2, R2, Q2 = (norm(sentence_keys(lm, [r[i] for r in rows], subjects)) for i in range(3))
+    P3, R3, Q3 = (norm(candidate_keys(lm, [from_subjects_sentence(lm, r[i], r[3]) for r in rows], subjects,
+                                      QUESTION_KEY)[QUESTION_KEY]) for i in range(3))
     prefixed = torch.tensor([bool(re.search(r"[.!?]\s", r[1][: max(0, r[1].find(r[3] or ""))])) for r in rows])
     out = {}
-    for name, (p, r, q) in (("whole text", (P, R, Q)), ("the subject's sentence", (P2, R2, Q2))):
+    for name, (p, r, q) in (("whole text", (P, R, Q)), ("the subject's sentence", (P2, R2, Q2)),
+                            ("the subject's sentence read alone", (P3, R3, Q3))):
         for part, rows_in in (("all", torch.ones_like(prefixed)), ("rephrase after another sentence", prefixed)):
             if not rows_in.any():
                 continue
