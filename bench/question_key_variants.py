@@ -135,10 +135,18 @@ def token_alignment(lm, rows, pool_tokens, idf) -> dict[str, dict]:
             for k, (n, f) in scores.items()}
 
 
-def entity_variation(lm, per: int = 6) -> torch.Tensor:
-    questions = negatives.generic_questions(per)
-    keys = candidate_keys(lm, [q for q, _ in questions], [e for _, e in questions], QUESTION_KEY)[QUESTION_KEY]
-    return torch.cat([k - k.mean(0) for k in keys.split(per)])
+ENTITIES_PER_RELATION = 6
+
+
+def generic_keys(lm) -> torch.Tensor:
+    """Raw question keys of every generic relation about ``ENTITIES_PER_RELATION`` entities,
+    (relations * entities, h), one relation's rows together."""
+    questions = negatives.generic_questions(ENTITIES_PER_RELATION)
+    return candidate_keys(lm, [q for q, _ in questions], [e for _, e in questions], QUESTION_KEY)[QUESTION_KEY]
+
+
+def entity_variation(generic: torch.Tensor) -> torch.Tensor:
+    return torch.cat([k - k.mean(0) for k in generic.split(ENTITIES_PER_RELATION)])
 
 
 def template_positives(lm, rows, norm: KeyNorm, wordings: list[list[str]], P, R, Q) -> dict[str, dict]:
@@ -166,10 +174,8 @@ def template_positives(lm, rows, norm: KeyNorm, wordings: list[list[str]], P, R,
     return out
 
 
-def relation_contrast(lm, norm: KeyNorm, P, R, Q, per: int = 6) -> dict[str, dict]:
-    questions = negatives.generic_questions(per)
-    G = norm(candidate_keys(lm, [q for q, _ in questions], [e for _, e in questions], QUESTION_KEY)[QUESTION_KEY])
-    G = F.normalize(G.view(-1, per, G.shape[-1]).mean(1), dim=-1)
+def relation_contrast(generic: torch.Tensor, norm: KeyNorm, P, R, Q) -> dict[str, dict]:
+    G = F.normalize(norm(generic).view(-1, ENTITIES_PER_RELATION, generic.shape[-1]).mean(1), dim=-1)
     PG = P @ G.T
     out = {}
     for tau in (0.4, 0.5, 0.6):
@@ -245,7 +251,8 @@ def main() -> None:
     lm = load_model()
     wordings = [list(g) for g in negatives.split_blocks(args.wordings.read_text(encoding="utf-8"))]
     rewording = Discount().variation(lm)
-    entity = None if args.only_sentence else entity_variation(lm)
+    generic = None if args.only_sentence else generic_keys(lm)
+    entity = None if generic is None else entity_variation(generic)
 
     prompts = negatives.pool_prompts()
     pool = candidate_keys(lm, prompts, [None] * len(prompts), QUESTION_KEY)[QUESTION_KEY]
@@ -259,7 +266,7 @@ def main() -> None:
         raw = [candidate_keys(lm, [r[i] for r in rows], subjects, QUESTION_KEY)[QUESTION_KEY] for i in range(3)]
         P, R, Q = (engine(k) for k in raw)
         found = {"engine's question key": rounded(separation((P * R).sum(-1), (P * Q).sum(-1)))}
-        if entity is not None and idf is not None:
+        if generic is not None and entity is not None and idf is not None:
             for scale in (0.5, 1.0, 2.0):
                 for weight in (0.2, 0.35, 0.5):
                     norm = fitted(pool, torch.cat([rewording, entity * scale]), weight)
@@ -268,7 +275,7 @@ def main() -> None:
                         separation((p * r).sum(-1), (p * q).sum(-1)))
             found |= token_alignment(lm, rows, pool_tokens, idf)
             found |= template_positives(lm, rows, engine, wordings, P, R, Q)
-            found |= relation_contrast(lm, engine, P, R, Q)
+            found |= relation_contrast(generic, engine, P, R, Q)
         found |= subjects_sentence(lm, rows, engine, P, R, Q)
         results[name] = found
         print(name)
