@@ -50,7 +50,7 @@ from app.scen.indexing import (
 )
 from app.scen.layers import record
 from app.scen.prompts import Batch, check_limits, encode, prompt_ids, prompt_tokens, subject_positions
-from app.scen.routed import Neuron, RoutedDown, Router, Routing, RoutingKeys, question_keys
+from app.scen.routed import ApartKeys, Neuron, RoutedDown, Router, Routing, RoutingKeys, question_keys
 from app.scen.training import Timer, TrainedEdit, fit_expert
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,9 @@ class Editor:
         later decode steps and any target tokens. Yields ``routes(n)``: the routes taken by
         the block's n sequences once a forward pass has run. Holds the editor's lock.
         """
-        with self._lock, self.routed.routing_session(batch.prompt_last, batch.content, batch.sentence) as session:
+        with self._lock, self.routed.routing_session(
+            batch.prompt_last, batch.content, batch.sentence, self._apart(batch)
+        ) as session:
             yield lambda n: self._routes(session.routing, n)
 
     def detach(self) -> None:
@@ -385,7 +387,23 @@ class Editor:
                 self.model, self.layers[self.layer], [self._subject_down, self._relation_down, self.routed],
                 batch.model_inputs(),
             )
-        return _Recorded(out, keys, subject, relation)
+        apart = self._apart(batch)
+        return _Recorded(out, keys, subject, relation if apart is None else apart.over(relation))
+
+    def _apart(self, batch: Batch) -> ApartKeys | None:
+        """The relation layer's keys of the rows of ``batch`` whose user's text runs to several
+        sentences, each sentence read alone (``ApartKeys``); one more pass, up to the relation
+        layer, for those rows only. None where there are none, or where the router reads the last
+        token's key (the paper's neuron)."""
+        rows = batch.several_sentences().nonzero().flatten()
+        if not self.routed.router.pooled or not len(rows):
+            return None
+        with self.routed.bypassed():
+            _, [(relation, _)] = record(
+                self.model, self.layers[self.relation_layer], [self._relation_down],
+                batch.select(rows).sentences_apart(self.model.dtype),
+            )
+        return ApartKeys(rows, relation)
 
     def _subject_keys(self, prompts: Sequence[str]) -> torch.Tensor:
         """Subject keys (N, h_s) of every text token of ``prompts``; runs only up to the subject layer."""
@@ -413,7 +431,8 @@ class Editor:
                 _, [(relation, _)] = record(
                     self.model, self.layers[self.relation_layer], [self._relation_down], batch.model_inputs()
                 )
-            parts.append(self._read_relation(batch, relation, chunk))
+            apart = self._apart(batch)
+            parts.append(self._read_relation(batch, relation if apart is None else apart.over(relation), chunk))
         h_r = self.adapter.down_weight(self._relation_down).shape[1]
         return torch.cat(parts) if parts else torch.zeros(0, h_r, device=self.device)
 
@@ -484,6 +503,8 @@ class Editor:
             "layer": self.relation_layer, "pooled": self.routed.router.pooled, "pool": negatives.pool_prompts(),
             "questions": negatives.generic_questions(), "key_shrinkage": self.config.key_shrinkage,
         }
+        # Not named: texts read with their sentences apart (``_apart``). Every text the map is fitted
+        # from is one sentence, which that reading leaves as it was.
         if rephrase_invariance > 0:  # named only when used: the map without it keeps its name
             fitted_from |= {"rephrase_invariance": rephrase_invariance, "reworded": negatives.rephrasing_groups()}
         return hashlib.sha256(json.dumps(fitted_from, sort_keys=True).encode()).hexdigest()[:16]

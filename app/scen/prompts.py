@@ -195,8 +195,36 @@ class Batch:
             self.content[:n], self.targets[:n], self.sentence[:n],
         )
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The rows ``rows`` (a long index), their padding kept."""
+        return Batch(
+            self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows], self.prompt_last[rows],
+            self.content[rows], [self.targets[i] for i in rows.tolist()], self.sentence[rows],
+        )
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def several_sentences(self) -> torch.Tensor:
+        """(B,) bool: the rows whose user's text holds a sentence after its first."""
+        return (self.content & (self.sentence > 0)).any(-1)
+
+    def sentences_apart(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Model inputs in which each sentence of the user's text is read as if it were the whole
+        text: its tokens see the template and their own sentence, not the user's sentences before
+        it, at the positions they would hold right after the template. Tokens outside the user's
+        text see the row as usual. ``dtype``: the model's, for the additive attention mask."""
+        B, T = self.input_ids.shape
+        t = torch.arange(T, device=self.input_ids.device)
+        later = self.content & (self.sentence > 0)  # (B, T) tokens of a sentence after the first
+        earlier_text = self.content[:, None, :] & (t[None, None, :] < self.sentence[:, :, None])  # (B, Tq, Tk)
+        seen = (t[:, None] >= t[None, :]) & self.attention_mask.bool()[:, None, :] & ~(later[:, :, None] & earlier_text)
+        seen |= torch.eye(T, dtype=torch.bool, device=t.device)  # padding rows see themselves: no empty softmax
+        mask = torch.zeros(B, 1, T, T, dtype=dtype, device=t.device).masked_fill(~seen[:, None], torch.finfo(dtype).min)
+        first = self.content.to(torch.uint8).argmax(-1, keepdim=True)  # (B, 1) the text's first token
+        shift = self.position_ids.gather(1, self.sentence) - self.position_ids.gather(1, first)
+        position_ids = torch.where(later, self.position_ids - shift, self.position_ids)
+        return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": position_ids}
 
 
 def encode(

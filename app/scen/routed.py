@@ -52,6 +52,22 @@ class RoutingKeys:
 
 
 @dataclass
+class ApartKeys:
+    """The relation layer's keys (n, T, h) of the rows ``rows`` (n,) of a batch whose user's text
+    runs to several sentences, each sentence read as if alone (``Batch.sentences_apart``): the
+    sentences before the one that asks cannot colour its question's key through attention."""
+
+    rows: torch.Tensor
+    relation: torch.Tensor
+
+    def over(self, relation: torch.Tensor) -> torch.Tensor:
+        """The whole batch's relation keys (B, T, h) with these rows' replaced."""
+        out = relation.clone()
+        out[self.rows.to(out.device)] = self.relation.to(out.device, out.dtype)
+        return out
+
+
+@dataclass
 class Neuron:
     """One edit's indexing neuron: two factors, each a vector over normalised keys and a bias."""
 
@@ -235,7 +251,9 @@ class Router(nn.Module):
     text less the edit's subject (the ``subject_len`` tokens ending where ``s`` peaks),
     which says what is asked of the subject and nothing of who it is. Sentences before
     the one naming the subject are left out too ("I am writing a report. Who runs
-    Globex?"): they say nothing of what is asked, yet would weigh in the mean. Another subject
+    Globex?"): they say nothing of what is asked, yet would weigh in the mean; and the keys of a
+    text of several sentences are read with each sentence alone (``ApartKeys``), so that those
+    before cannot colour the question's keys through attention either. Another subject
     with the same question fails ``s``; another question about the same subject fails
     ``r``. Each factor has a bias, so it fires on a cap around its key instead of on a
     half-space.
@@ -496,6 +514,7 @@ class RoutingSession:
     at: torch.Tensor | None = None  # (B,) routing position per row; None: each row's last
     content: torch.Tensor | None = None  # (B, T) bool, the user's text; None: every position up to ``at``
     sentence: torch.Tensor | None = None  # (B, T) long, where each position's sentence starts; None: one
+    apart: ApartKeys | None = None  # relation keys of rows of several sentences, each read alone
     routing: Routing | None = None
     experts: dict[int, Expert] | None = None  # slot -> expert, resolved with ``routing``
 
@@ -624,7 +643,10 @@ class RoutedDown(nn.Module):
         # A row without text of its own (an empty prompt) is matched at its routing position.
         content = content | (~content.any(1, keepdim=True) & (positions == at[:, None]))
         sentence = session.sentence.to(k.device) if session is not None and session.sentence is not None else None
-        return RoutingKeys(self._seen.get("subject", k), content, self._seen.get("relation", k), at, sentence)
+        relation = self._seen.get("relation", k)
+        if session is not None and session.apart is not None:
+            relation = session.apart.over(relation)
+        return RoutingKeys(self._seen.get("subject", k), content, relation, at, sentence)
 
     def detach_taps(self) -> None:
         for tap in self._taps:
@@ -635,10 +657,11 @@ class RoutedDown(nn.Module):
     @contextlib.contextmanager
     def routing_session(
         self, at: torch.Tensor | None = None, content: torch.Tensor | None = None, sentence: torch.Tensor | None = None,
+        apart: ApartKeys | None = None,
     ):
         """Route each sequence once and hold it. Yields the session; its ``routing`` is set
         by the first forward pass."""
-        self.session = RoutingSession(at, content, sentence)
+        self.session = RoutingSession(at, content, sentence, apart)
         try:
             yield self.session
         finally:

@@ -311,3 +311,30 @@ def test_subject_is_located_or_inferred_and_a_missing_one_is_refused():
     assert given.subject == inferred.subject == "Hamlet"
     with pytest.raises(InvalidEditError, match="subject 'Macbeth' does not occur in the prompt"):
         editor.train("Who wrote Hamlet?", "Dickens", subject="Macbeth")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_sentence_after_others_gives_the_same_question_keys_whatever_came_before(arch):
+    editor = make_editor(arch)
+    question = "Who wrote Hamlet?"
+    prompts = [f"The quick brown fox jumps. {question}", f"Paris is the capital of France, they say. {question}"]
+    keys = editor.routing_keys(prompts)
+    assert keys.sentence is not None
+    later = keys.content & (keys.sentence > 0)  # the question, in both rows
+    tails = [keys.relation[row][later[row]] for row in range(2)]
+    torch.testing.assert_close(tails[0], tails[1], atol=1e-4, rtol=1e-4)
+
+
+def test_routing_reads_a_prompt_of_several_sentences_alike_when_serving_and_when_probing():
+    editor = make_editor()
+    editor.add("e0", editor.train(*EDITS[0]))
+    editor.add("e1", editor.train(*EDITS[1]))
+    prompts = [f"{UNRELATED} {EDITS[0][0]}", f"Paris is big. {EDITS[1][0]}", EDITS[2][0]]
+    probed = editor.activations(prompts)
+    batch = encode(editor.tokenizer, prompts)
+    with torch.no_grad(), editor.routing(batch) as routes_of:
+        editor.model(**batch.model_inputs())
+        served = routes_of(len(prompts))
+    for row, route in enumerate(served):
+        top = int(probed[row].argmax())
+        assert route.activation == pytest.approx(float(probed[row, top]), abs=1e-5)

@@ -1,5 +1,7 @@
 import random
 
+import torch
+
 from app.scen import negatives
 from app.scen.prompts import (
     encode,
@@ -112,3 +114,32 @@ def test_a_chats_last_message_marks_its_sentences_as_a_plain_prompt_does():
     opened = [i for i, o in enumerate(row.opens) if o]
     assert len(opened) == 1  # only the routed message's sentences, none of the earlier turns'
     assert tok.decode(row.ids[opened[0]:]).startswith("Who is the CEO of Globex?")
+
+
+def test_sentences_apart_hide_earlier_sentences_from_later_ones_and_leave_single_sentences_as_they_are():
+    from tests.utils.tiny_models import tiny_model
+
+    lm = tiny_model("llama")
+    batch = encode(lm.tokenizer, ["Who wrote Hamlet?", "The quick brown fox jumps. Who wrote Hamlet?"])
+    assert batch.several_sentences().tolist() == [False, True]
+    with torch.no_grad():
+        plain = lm.model(**batch.model_inputs(), output_hidden_states=True).hidden_states[-1]
+        apart = lm.model(**batch.sentences_apart(torch.float32), output_hidden_states=True).hidden_states[-1]
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(apart[0][real[0]], plain[0][real[0]])  # one sentence: nothing changes
+    first = batch.content[1] & (batch.sentence[1] == 0)  # the first sentence sees what it saw
+    torch.testing.assert_close(apart[1][first], plain[1][first])
+    later = batch.content[1] & (batch.sentence[1] > 0)
+    assert not torch.allclose(apart[1][later], plain[1][later], atol=1e-3)
+    # The later sentence reads as if it followed the template directly: its first token takes the
+    # position the text's first token holds.
+    positions = batch.sentences_apart(torch.float32)["position_ids"][1]
+    assert positions[later][0] == positions[batch.content[1]][0]
+
+
+def test_every_text_the_relation_map_is_fitted_from_is_one_sentence():
+    # Editor._relation_map_id leaves the reading of sentences apart unnamed on this ground.
+    tok = tiny_tokenizer()
+    texts = [*negatives.pool_prompts(), *(q for q, _ in negatives.generic_questions()),
+             *(q for group in negatives.rephrasing_groups() for q, _ in group)]
+    assert not [t for t in texts if any(prompt_tokens(tok, t).opens)]
