@@ -22,10 +22,11 @@ edit prompt with its rephrase (should be near) and with another question about t
   template's mean key over six entities) that lies below ``tau`` of the prompt: a question nearer
   another relation than the edit's would lose. Also the share whose nearest generic relation is
   the prompt's own;
-* **the subject's sentence** - the engine's rule now (``routed.question_span``): sentences
-  before the one naming the subject are left out, over all pairs and over those whose rephrase
-  opens with another sentence; and that sentence read alone, in a forward pass of its own, so
-  that the sentences before it cannot reach its keys through attention. Besides AUC, the share of
+* **the subject's sentence** - ``routed.question_span``: sentences before the one naming the
+  subject are left out, over all pairs and over those whose rephrase opens with another
+  sentence, read in context; and that sentence read alone, in a forward pass of its own, so
+  that the sentences before it cannot reach its keys through attention (what the engine reads
+  now, within the row: ``routed.ApartKeys``). Besides AUC, the share of
   rephrases and of probes whose cosine reaches 0.25, about where the relation factor starts
   to fire.
 
@@ -191,8 +192,8 @@ def relation_contrast(generic: torch.Tensor, norm: KeyNorm, P, R, Q) -> dict[str
 
 
 def sentence_keys(lm, prompts: list[str], subjects: list[str | None]) -> torch.Tensor:
-    """Raw question keys (n, h) as the engine reads them now: from the sentence naming the subject
-    (where it first occurs) on, less the subject."""
+    """Raw question keys (n, h) from the sentence naming the subject (where it first occurs) on,
+    less the subject, read in the context of the sentences before it."""
     out = []
     for batch, keys, rows in layer_batches(lm, prompts, subjects):
         ats, lengths, named = [], [], torch.zeros_like(batch.content)

@@ -388,22 +388,24 @@ class Editor:
                 batch.model_inputs(),
             )
         apart = self._apart(batch)
-        return _Recorded(out, keys, subject, relation if apart is None else apart.over(relation))
+        if apart is not None:
+            subject, relation = apart.over_subject(subject), apart.over_relation(relation)
+        return _Recorded(out, keys, subject, relation)
 
     def _apart(self, batch: Batch) -> ApartKeys | None:
-        """The relation layer's keys of the rows of ``batch`` whose user's text runs to several
-        sentences, each sentence read alone (``ApartKeys``); one more pass, up to the relation
-        layer, for those rows only. None where there are none, or where the router reads the last
-        token's key (the paper's neuron)."""
+        """The subject and relation layers' keys of the rows of ``batch`` whose user's text runs to
+        several sentences, each sentence read alone (``ApartKeys``); one more pass, up to the higher
+        of the two layers, for those rows only. None where there are none, or where the router
+        reads the last token's key (the paper's neuron)."""
         rows = batch.several_sentences().nonzero().flatten()
         if not self.routed.router.pooled or not len(rows):
             return None
         with self.routed.bypassed():
-            _, [(relation, _)] = record(
-                self.model, self.layers[self.relation_layer], [self._relation_down],
-                batch.select(rows).sentences_apart(self.model.dtype),
+            _, [(subject, _), (relation, _)] = record(
+                self.model, self.layers[max(self.subject_layer, self.relation_layer)],
+                [self._subject_down, self._relation_down], batch.select(rows).sentences_apart(self.model.dtype),
             )
-        return ApartKeys(rows, relation)
+        return ApartKeys(rows, subject, relation)
 
     def _subject_keys(self, prompts: Sequence[str]) -> torch.Tensor:
         """Subject keys (N, h_s) of every text token of ``prompts``; runs only up to the subject layer."""
@@ -420,7 +422,8 @@ class Editor:
             _, [(keys, _)] = record(
                 self.model, self.layers[self.subject_layer], [self._subject_down], batch.model_inputs()
             )
-        return keys
+        apart = self._apart(batch)
+        return keys if apart is None else apart.over_subject(keys)
 
     def _relation_keys(self, texts: Sequence[tuple[str, str | None]]) -> torch.Tensor:
         """Relation keys (n, h_r) of (prompt, entity) pairs as routing reads them (``_read_relation``);
@@ -432,7 +435,9 @@ class Editor:
                     self.model, self.layers[self.relation_layer], [self._relation_down], batch.model_inputs()
                 )
             apart = self._apart(batch)
-            parts.append(self._read_relation(batch, relation if apart is None else apart.over(relation), chunk))
+            if apart is not None:
+                relation = apart.over_relation(relation)
+            parts.append(self._read_relation(batch, relation, chunk))
         h_r = self.adapter.down_weight(self._relation_down).shape[1]
         return torch.cat(parts) if parts else torch.zeros(0, h_r, device=self.device)
 

@@ -53,17 +53,26 @@ class RoutingKeys:
 
 @dataclass
 class ApartKeys:
-    """The relation layer's keys (n, T, h) of the rows ``rows`` (n,) of a batch whose user's text
-    runs to several sentences, each sentence read as if alone (``Batch.sentences_apart``): the
-    sentences before the one that asks cannot colour its question's key through attention."""
+    """The subject and relation layers' keys of the rows ``rows`` (n,) of a batch whose user's
+    text runs to several sentences, each sentence read as if alone (``Batch.sentences_apart``):
+    the sentences before cannot colour a later one's keys through attention, neither the name it
+    holds ("... of Indira Gandhi. Where was Mahatma Gandhi born?") nor what it asks."""
 
     rows: torch.Tensor
-    relation: torch.Tensor
+    subject: torch.Tensor  # (n, T, h_s)
+    relation: torch.Tensor  # (n, T, h)
 
-    def over(self, relation: torch.Tensor) -> torch.Tensor:
-        """The whole batch's relation keys (B, T, h) with these rows' replaced."""
-        out = relation.clone()
-        out[self.rows.to(out.device)] = self.relation.to(out.device, out.dtype)
+    def over_subject(self, keys: torch.Tensor) -> torch.Tensor:
+        """The whole batch's subject keys (B, T, h_s) with these rows' in their place."""
+        return self._over(keys, self.subject)
+
+    def over_relation(self, keys: torch.Tensor) -> torch.Tensor:
+        """The whole batch's relation keys (B, T, h) with these rows' in their place."""
+        return self._over(keys, self.relation)
+
+    def _over(self, keys: torch.Tensor, apart: torch.Tensor) -> torch.Tensor:
+        out = keys.clone()
+        out[self.rows.to(out.device)] = apart.to(out.device, out.dtype)
         return out
 
 
@@ -207,11 +216,13 @@ def subject_window(at: torch.Tensor, length: torch.Tensor, T: int) -> torch.Tens
 def question_span(
     content: torch.Tensor, at: torch.Tensor, length: torch.Tensor, sentence: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Positions (..., B, T) whose keys make the question's key: the user's text (``content``,
-    (B, T)) less a subject of ``length`` tokens ending at ``at`` (..., B), and less the sentences
-    before the one that subject starts in (``sentence``, (B, T): where each position's sentence
-    starts; None: one sentence). Where nothing would be left ("Who runs it? Globex."), the
-    earlier sentences count."""
+    """Positions (..., B, T) whose keys make the question's key: the sentence that a subject of
+    ``length`` tokens ending at ``at`` (..., B) starts in, less the subject, of the user's text
+    (``content``, (B, T); ``sentence``, (B, T): where each position's sentence starts; None: one
+    sentence). The other sentences ask nothing of that subject: a preamble ("I am writing a
+    report. Who runs Globex?"), or a question about another one ("I read about Globex. Who runs
+    Initech?"). Where nothing would be left ("Who runs it? Globex."), the whole text less the
+    subject counts."""
     T = content.shape[-1]
     keep = content & ~subject_window(at, length, T)
     if sentence is None:
@@ -219,8 +230,8 @@ def question_span(
     first = (at - length + 1).clamp(0, T - 1)  # (..., B)
     rows = torch.arange(sentence.shape[0], device=sentence.device)
     start = sentence[rows, first]  # (..., B)
-    latest = keep & (torch.arange(T, device=content.device) >= start[..., None])
-    return torch.where(latest.any(-1, keepdim=True), latest, keep)
+    own = keep & (sentence == start[..., None])
+    return torch.where(own.any(-1, keepdim=True), own, keep)
 
 
 def question_keys(keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -249,10 +260,10 @@ class Router(nn.Module):
     token's representation says which entity it names); ``r``, the relation factor,
     reads the *question's key*: the relation layer's keys averaged over the user's
     text less the edit's subject (the ``subject_len`` tokens ending where ``s`` peaks),
-    which says what is asked of the subject and nothing of who it is. Sentences before
-    the one naming the subject are left out too ("I am writing a report. Who runs
-    Globex?"): they say nothing of what is asked, yet would weigh in the mean; and the keys of a
-    text of several sentences are read with each sentence alone (``ApartKeys``), so that those
+    which says what is asked of the subject and nothing of who it is. Only the sentence
+    naming the subject counts ("I am writing a report. Who runs Globex?", ``question_span``):
+    the others say nothing of what is asked of it, yet would weigh in the mean; and the keys of
+    a text of several sentences are read with each sentence alone (``ApartKeys``), so that those
     before cannot colour the question's keys through attention either. Another subject
     with the same question fails ``s``; another question about the same subject fails
     ``r``. Each factor has a bias, so it fires on a cap around its key instead of on a
@@ -514,7 +525,7 @@ class RoutingSession:
     at: torch.Tensor | None = None  # (B,) routing position per row; None: each row's last
     content: torch.Tensor | None = None  # (B, T) bool, the user's text; None: every position up to ``at``
     sentence: torch.Tensor | None = None  # (B, T) long, where each position's sentence starts; None: one
-    apart: ApartKeys | None = None  # relation keys of rows of several sentences, each read alone
+    apart: ApartKeys | None = None  # keys of the rows of several sentences, each read alone
     routing: Routing | None = None
     experts: dict[int, Expert] | None = None  # slot -> expert, resolved with ``routing``
 
@@ -643,10 +654,10 @@ class RoutedDown(nn.Module):
         # A row without text of its own (an empty prompt) is matched at its routing position.
         content = content | (~content.any(1, keepdim=True) & (positions == at[:, None]))
         sentence = session.sentence.to(k.device) if session is not None and session.sentence is not None else None
-        relation = self._seen.get("relation", k)
+        subject, relation = self._seen.get("subject", k), self._seen.get("relation", k)
         if session is not None and session.apart is not None:
-            relation = session.apart.over(relation)
-        return RoutingKeys(self._seen.get("subject", k), content, relation, at, sentence)
+            subject, relation = session.apart.over_subject(subject), session.apart.over_relation(relation)
+        return RoutingKeys(subject, content, relation, at, sentence)
 
     def detach_taps(self) -> None:
         for tap in self._taps:

@@ -127,13 +127,12 @@ def test_relation_factor_reads_the_question_less_the_subject_where_the_subject_f
     keys = RoutingKeys(torch.randn(B, T, h_s), content, torch.randn(B, T, h), torch.full((B,), T - 1), sentence)
     _, peaks = router.subject_factor(keys.subject, keys.content)  # (B, E)
     got = router.relation_factor(keys, peaks)
-    positions = torch.arange(T)
     for e in range(E):  # the definition: each edit's question key, then its neuron
         first = (peaks[:, e] - router.subject_len[e] + 1).clamp_min(0)  # (B,) the subject's first token
-        # From the start of the sentence the subject starts in, less the subject.
+        # The sentence the subject starts in, less the subject.
         keep = content & ~subject_window(peaks[:, e], router.subject_len[e], T)
-        latest = keep & (positions >= sentence[torch.arange(B), first][:, None])
-        keep = torch.where(latest.any(1, keepdim=True), latest, keep)  # nothing left: the whole text
+        own = keep & (sentence == sentence[torch.arange(B), first][:, None])
+        keep = torch.where(own.any(1, keepdim=True), own, keep)  # nothing left: the whole text
         key = router.relation_norm(question_keys(keys.relation, keep))  # (B, h)
         want = torch.sigmoid(key @ router.relation_w[e] + router.relation_b[e])
         assert torch.allclose(got[:, e], want, atol=1e-5)
@@ -142,17 +141,19 @@ def test_relation_factor_reads_the_question_less_the_subject_where_the_subject_f
     assert torch.allclose(whole[0], got[0]) and not torch.allclose(whole, got)
 
 
-def test_question_span_starts_at_the_subjects_sentence_unless_nothing_would_be_left():
+def test_question_span_is_the_subjects_sentence_unless_nothing_would_be_left():
     from app.scen.routed import question_span
 
-    content = torch.ones(2, 6, dtype=torch.bool)
-    sentence = torch.tensor([[0, 0, 2, 2, 2, 2], [0, 0, 0, 0, 4, 4]])
+    content = torch.ones(3, 6, dtype=torch.bool)
+    sentence = torch.tensor([[0, 0, 2, 2, 2, 2], [0, 0, 0, 0, 4, 4], [0, 0, 0, 3, 3, 3]])
     # Row 0: "Hi. [Globex] runs what" - the preamble goes; row 1: "Who runs it? [Globex Corp]" -
-    # the subject's sentence holds nothing else, so the question before it counts.
-    got = question_span(content, torch.tensor([2, 5]), torch.tensor([1, 2]), sentence)
-    assert got.int().tolist() == [[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
-    assert question_span(content, torch.tensor([2, 5]), torch.tensor([1, 2]), None).int().tolist() == [
-        [1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    # the subject's sentence holds nothing else, so the question before it counts; row 2:
+    # "I read [Globex]. Who runs Initech" - the question after is about another subject.
+    at, length = torch.tensor([2, 5, 2]), torch.tensor([1, 2, 1])
+    got = question_span(content, at, length, sentence)
+    assert got.int().tolist() == [[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert question_span(content, at, length, None).int().tolist() == [
+        [1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]]
 
 
 def test_subject_window_ends_at_the_peak():
