@@ -91,6 +91,17 @@ def rephrasing_groups(
     return groups
 
 
+def _without_full_stop(text: str, start: int, end: int) -> tuple[int, int, bool]:
+    """A word's span less a point that ends its sentence ("... about Globex Corporation. Who"),
+    and whether it did: the point is kept in abbreviations ("U.S.") and after an initial or a
+    title ("B.", "Dr.")."""
+    word = text[start:end]
+    bare = word.rstrip(".")
+    if bare and bare != word and "." not in bare and not re.fullmatch(r"[A-Z][a-z]?", bare):
+        return start, start + len(bare), True
+    return start, end, False
+
+
 def infer_subject(tokens: PromptTokens, novelty: list[float]) -> tuple[int, str]:
     """The subject of a prompt that does not name it: (its last token's index, its text).
 
@@ -102,15 +113,18 @@ def infer_subject(tokens: PromptTokens, novelty: list[float]) -> tuple[int, str]
     (CounterFact) of the prompts.
     """
     text = tokens.text
-    words = [(m.start(), m.end()) for m in re.finditer(r"[\w'.&-]+", text)]
+    found = [_without_full_stop(text, m.start(), m.end()) for m in re.finditer(r"[\w'.&-]+", text)]
     runs: list[list[tuple[int, int]]] = [[]]
-    for start, end in words:
+    for start, end, stop in found:
         word = text[start:end]
         named = word[0].isdigit() or any(ch.isupper() for ch in word)  # "iPhone", "eBay" count too
         if named and (runs[-1] or word.casefold() not in _OPENERS):
             runs[-1].append((start, end))
+            if stop:  # a name ends with its sentence
+                runs.append([])
         elif runs[-1]:
             runs.append([])
+    words = [(start, end) for start, end, _ in found]
     runs = [r for r in runs if r]
     content = [i for i, c in enumerate(tokens.content) if c]
     if runs:

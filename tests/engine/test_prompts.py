@@ -38,6 +38,9 @@ def test_inferred_subject_is_the_longest_capitalised_name():
         ("Which company developed the iPhone?", "iPhone"),
         ("Christiaan Snouck Hurgronje is affiliated with the religion", "Christiaan Snouck Hurgronje"),
         ("What is the product made by UniFirst?", "UniFirst"),
+        # A sentence's full stop is not part of the name; of two mentions, the later one.
+        ("I read about Globex Corporation. Who runs Globex Corporation?", "Globex Corporation"),
+        ("Is Lyndon B. Johnson in the U.S. Senate?", "Lyndon B. Johnson"),
     ]:
         t = prompt_tokens(tok, prompt)
         at, text = negatives.infer_subject(t, [0.0] * len(t.ids))
