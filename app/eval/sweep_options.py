@@ -4,10 +4,11 @@ from __future__ import annotations
 
 # Settings changed in place on the trained method (routing only); any other setting is retrained per value.
 INFERENCE_OPTIONS = {
-    "scen": {"theta", "subject_margin", "relation_margin", "subject_span_cos"}, "grace": {"epsilon_scale"},
+    "scen": {"theta", "subject_margin", "relation_margin", "subject_span_cos", "question_cos"},
+    "grace": {"epsilon_scale"},
 }
 DEFAULTS = {"theta": None, "subject_margin": None, "relation_margin": None, "subject_span_cos": None,
-            "epsilon_scale": 1.0}
+            "question_cos": None, "epsilon_scale": 1.0}
 
 
 def _number(text: str) -> int | float:

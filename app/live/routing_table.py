@@ -47,7 +47,7 @@ _KEYS = ("keys", "subject_keys")
 def write_table(path: Path, parts: Mapping[str, TrainedEdit]) -> None:
     """Write the routing parts, filed under their references, to ``path`` atomically."""
     edits = list(parts.values())
-    tensors = {f"neuron.{name}": torch.stack([getattr(e.neuron, name).cpu() for e in edits]) for name in _NEURON}
+    tensors = {f"neuron.{name}": _stack([getattr(e.neuron, name).cpu() for e in edits]) for name in _NEURON}
     for name in _KEYS:
         tensors[name] = torch.cat([getattr(e, name).cpu() for e in edits])
         tensors[f"{name}.rows"] = torch.tensor([len(getattr(e, name)) for e in edits], dtype=torch.long)
@@ -67,6 +67,15 @@ def write_table(path: Path, parts: Mapping[str, TrainedEdit]) -> None:
         raise
 
 
+def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``rows`` stacked; vectors of unequal length (a question read by no encoder is empty)
+    zero-padded to the longest, which ``Router.append`` reads as unknown."""
+    if rows and rows[0].dim() == 1 and len({len(r) for r in rows}) > 1:
+        width = max(len(r) for r in rows)
+        rows = [torch.cat([r, r.new_zeros(width - len(r))]) for r in rows]
+    return torch.stack(rows)
+
+
 def read_table(path: Path) -> dict[str, TrainedEdit]:
     """The routing parts in the table at ``path``, by reference (their experts ``NOT_LOADED``)."""
     with safe_open(str(path), framework="pt") as f:
@@ -76,6 +85,8 @@ def read_table(path: Path) -> dict[str, TrainedEdit]:
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     entries = json.loads(meta["entries"])
     stacked = Neuron.from_tensors(tensors)
+    if stacked.question.dim() == 1:  # a table written before questions were read: none known
+        stacked.question = torch.zeros(len(entries), 0)
     neurons = [getattr(stacked, name) for name in _NEURON]
     # Each edit's tensors are copies of their own: views would keep the whole table's memory
     # alive for as long as any one edit stays live.

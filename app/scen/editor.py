@@ -50,6 +50,7 @@ from app.scen.indexing import (
 )
 from app.scen.layers import record
 from app.scen.prompts import Batch, check_limits, encode, prompt_ids, prompt_tokens, subject_positions
+from app.scen.questions import QuestionReader, bundled_encoder
 from app.scen.routed import ApartKeys, Neuron, RoutedDown, Router, Routing, RoutingKeys, question_keys
 from app.scen.training import Timer, TrainedEdit, fit_expert
 
@@ -126,9 +127,13 @@ class Editor:
         h_r = self.adapter.down_weight(relation_down).shape[1]
         h_s = self.adapter.down_weight(subject_down).shape[1]
         cfg = self.config
+        questions = None
+        if cfg.question_encoder and cfg.subject_factor:
+            questions = QuestionReader(bundled_encoder(str(self.device)), tokenizer)
         router = Router(
             h_s, h_r, cfg.theta, pooled=cfg.subject_factor, subject_margin=cfg.subject_margin,
             relation_margin=cfg.relation_margin, subject_span_cos=cfg.subject_span_cos, device=self.device,
+            questions=questions, question_cos=cfg.question_cos,
         )
         self.routed = RoutedDown(down, router, subject_down, relation_down)
         self._subject_down, self._relation_down = subject_down, relation_down
@@ -257,6 +262,9 @@ class Editor:
                 # Stored before the subject's span was kept: read it off the prompt once.
                 edit = self._with_subject_span(edit)
                 self.refits += 1
+            if edit.subject and self._reads_question_of(edit):
+                # Trained without the question encoder: its question read off the prompt once.
+                edit = self._with_question(edit)
             # It takes over from the live edits it was found to cover when it was trained.
             overrides = [self._ids.index(i) for i in edit.metrics.get("overrides", ()) if i in self._edits]
             self.routed.append(edit.expert.to(self.device), edit.neuron.to(self.device), overrides, edit_id)
@@ -310,7 +318,7 @@ class Editor:
         the block's n sequences once a forward pass has run. Holds the editor's lock.
         """
         with self._lock, self.routed.routing_session(
-            batch.prompt_last, batch.content, batch.sentence, self._apart(batch)
+            batch.prompt_last, batch.content, batch.sentence, self._apart(batch), batch.input_ids
         ) as session:
             yield lambda n: self._routes(session.routing, n)
 
@@ -367,7 +375,9 @@ class Editor:
         """What the router reads of ``prompts`` (one padded batch); runs only up to the edited layer."""
         batch = encode(self.tokenizer, prompts).to(self.device)
         rec = self._record(batch)
-        return RoutingKeys(rec.subject, batch.content, rec.relation, batch.prompt_last, batch.sentence)
+        return RoutingKeys(
+            rec.subject, batch.content, rec.relation, batch.prompt_last, batch.sentence, batch.input_ids
+        )
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -483,7 +493,8 @@ class Editor:
         in_span = torch.zeros(T, dtype=torch.bool, device=self.device)
         in_span[[start + i for i in span]] = True
         return EditRecording(
-            rec.subject[:R], batch.content, rec.relation[:R], batch.prompt_last, start + at, in_span, batch.sentence
+            rec.subject[:R], batch.content, rec.relation[:R], batch.prompt_last, start + at, in_span, batch.sentence,
+            batch.input_ids,
         ), subject
 
     def _train_neuron(self, rec: EditRecording, prompt: str, subject: str | None):
@@ -528,17 +539,45 @@ class Editor:
         """``edit`` with its neuron's ``subject_span`` read from its prompt, as training reads it:
         the ``subject_len`` tokens ending at the subject's last. Left unknown (zeros) where the
         prompt does not spell its subject."""
+        found = self._subject_in_prompt(edit)
+        if found is None:
+            return edit
+        batch, end = found
+        with torch.no_grad():
+            keys = self._subject_layer_keys(batch)
+        window = keys[0, end - int(edit.neuron.subject_len) + 1 : end + 1]
+        span = F.normalize(self.routed.router.subject_norm(window).sum(0), dim=-1)
+        return dataclasses.replace(edit, neuron=dataclasses.replace(edit.neuron, subject_span=span.cpu()))
+
+    def _reads_question_of(self, edit: TrainedEdit) -> bool:
+        """Whether the router reads questions with an encoder and ``edit`` lacks its own reading."""
+        questions = self.routed.router.questions
+        return questions is not None and (edit.neuron.question.shape != (questions.dim,)
+                                           or not bool(edit.neuron.question.any()))
+
+    def _with_question(self, edit: TrainedEdit) -> TrainedEdit:
+        """``edit`` with its neuron's ``question`` read from its prompt, as training reads it (no
+        model pass). Left unknown where the prompt does not spell its subject."""
+        found = self._subject_in_prompt(edit)
+        questions = self.routed.router.questions
+        if found is None or questions is None:
+            return edit
+        batch, end = found
+        last = torch.tensor([end])
+        first = (last - int(edit.neuron.subject_len) + 1).clamp_min(0)
+        question = questions(batch.input_ids, batch.content, batch.sentence, torch.tensor([0]), first, last)[0]
+        return dataclasses.replace(edit, neuron=dataclasses.replace(edit.neuron, question=question.cpu()))
+
+    def _subject_in_prompt(self, edit: TrainedEdit) -> tuple[Batch, int] | None:
+        """The edit's prompt as a batch of one, and the position of its subject's last token there;
+        None where the prompt does not spell its subject."""
         assert edit.subject is not None
         tokens = prompt_tokens(self.tokenizer, edit.prompt)
         positions = subject_positions(tokens, edit.subject)
         if not positions:
-            return edit
-        with torch.no_grad():
-            keys = self._subject_layer_keys(encode(self.tokenizer, [edit.prompt]).to(self.device))
-        end = keys.shape[1] - len(tokens.ids) + positions[-1]
-        window = keys[0, end - int(edit.neuron.subject_len) + 1 : end + 1]
-        span = F.normalize(self.routed.router.subject_norm(window).sum(0), dim=-1)
-        return dataclasses.replace(edit, neuron=dataclasses.replace(edit.neuron, subject_span=span.cpu()))
+            return None
+        batch = encode(self.tokenizer, [edit.prompt]).to(self.device)
+        return batch, batch.input_ids.shape[1] - len(tokens.ids) + positions[-1]
 
     def _earlier_keys(self) -> EarlierKeys:
         """The live edits' keys, normalised: kept between trainings and extended by the edits

@@ -69,6 +69,7 @@ class EditRecording:
     subject_at: int  # position of the subject's last token in row 0
     subject_span: torch.Tensor  # (T,) bool, row 0's tokens that belong to the subject
     sentence: torch.Tensor | None = None  # (R, T) long, where each position's sentence starts (Batch.sentence)
+    ids: torch.Tensor | None = None  # (R, T) token ids
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _owners(rows: list[int], first: int, device: torch.device) -> torch.Tensor:
 
 
 def routing_keys(rec: EditRecording) -> RoutingKeys:
-    return RoutingKeys(rec.subject, rec.content, rec.relation, rec.at, rec.sentence)
+    return RoutingKeys(rec.subject, rec.content, rec.relation, rec.at, rec.sentence, rec.ids)
 
 
 def paper_neuron(
@@ -194,7 +195,17 @@ def two_factor_neuron(
     wr, br = _relation_factor(router, keys, alike, pool, earlier, config, generator)
     window = subject_window(peaks[:1], length_t, rec.content.shape[1])[0]
     span = F.normalize(s_norm(rec.subject[0][window]).sum(0), dim=-1)  # the whole name, as Router reads it
-    return Neuron(ws, bs, wr, br, torch.tensor(length), span), keys
+    return Neuron(ws, bs, wr, br, torch.tensor(length), span, own_question(router, rec, length)), keys
+
+
+def own_question(router: Router, rec: EditRecording, length: int) -> torch.Tensor:
+    """The edit prompt's question as the router's question encoder reads it (the ``length``
+    tokens ending at the subject's last left out), (d,); empty without an encoder."""
+    if router.questions is None or rec.ids is None:
+        return torch.zeros(0)
+    at = torch.tensor([rec.subject_at])
+    read = router.questions(rec.ids, rec.content, rec.sentence, torch.tensor([0]), (at - length + 1).clamp_min(0), at)
+    return read[0].to(rec.subject.device)
 
 
 def _same_subject(earlier: EarlierKeys, subject: torch.Tensor, config: ScenConfig) -> torch.Tensor:
@@ -234,7 +245,7 @@ def refit_relation(
     else:
         alike = _same_subject(earlier, router.subject_norm(edit.subject_keys[:1].to(device))[0], config)
         wr, br = _relation_factor(router, keys, alike, pool, earlier, config, generator)
-    return Neuron(n.subject, n.subject_bias, wr, br, n.subject_len, n.subject_span)
+    return Neuron(n.subject, n.subject_bias, wr, br, n.subject_len, n.subject_span, n.question)
 
 
 def _run_length(span: torch.Tensor, end: int) -> int:

@@ -22,8 +22,12 @@ from torch import nn
 
 from app.scen.expert_cache import ExpertCache, ExpertUnavailableError
 from app.scen.experts import Expert
+from app.scen.questions import QuestionReader
 from app.scen.router_index import DEFAULT as DEFAULT_INDEX
 from app.scen.router_index import IndexSettings, NeuronIndex
+
+# The question factor's slope in cosine: from theta to 0.9 over 0.07 of cosine.
+_QUESTION_SCALE = 20.0
 
 
 @dataclass
@@ -42,10 +46,12 @@ class RoutingKeys:
     at: torch.Tensor  # (B,) routing position (the last prompt token)
     # (B, T) long, where the sentence holding each position starts (``Batch.sentence``); None: one sentence
     sentence: torch.Tensor | None = None
+    ids: torch.Tensor | None = None  # (B, T) token ids, for the question's text (``Router.questions``)
 
     def rows(self, rows: torch.Tensor) -> RoutingKeys:
         sentence = None if self.sentence is None else self.sentence[rows]
-        return RoutingKeys(self.subject[rows], self.content[rows], self.relation[rows], self.at[rows], sentence)
+        ids = None if self.ids is None else self.ids[rows]
+        return RoutingKeys(self.subject[rows], self.content[rows], self.relation[rows], self.at[rows], sentence, ids)
 
     def last(self) -> torch.Tensor:  # (B, h) relation keys at the routing position
         return self.relation[torch.arange(len(self.at), device=self.at.device), self.at]
@@ -88,6 +94,9 @@ class Neuron:
     # (h_s,) the edit's subject as a whole: its tokens' normalised subject keys summed, unit length;
     # zero where unknown (edits stored before it was kept, the paper's neuron): then unchecked.
     subject_span: torch.Tensor
+    # (d,) the edit's question as the question encoder reads it (``questions``), its subject left
+    # out; empty or zero where unknown: then the relation factor alone reads the question.
+    question: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
 
     def to(self, device: torch.device) -> Neuron:
         # Not dataclasses.astuple: it deep-copies every tensor first.
@@ -99,6 +108,7 @@ class Neuron:
         was kept read it as zeros: those edits' subjects stay unchecked (see Router)."""
         fields = {f.name: tensors[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in tensors}
         fields.setdefault("subject_span", torch.zeros_like(fields["subject"]))
+        fields.setdefault("question", torch.zeros(0))
         return cls(**fields)
 
 
@@ -243,7 +253,7 @@ def question_keys(keys: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class _Rows:
     """The live rows (the first ``len(router)``) of one of the router's per-neuron buffers."""
 
-    NAMES = ("subject_w", "subject_b", "relation_w", "relation_b", "subject_len", "subject_span")
+    NAMES = ("subject_w", "subject_b", "relation_w", "relation_b", "subject_len", "subject_span", "question")
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.buffer = f"_{name}"
@@ -269,8 +279,15 @@ class Router(nn.Module):
     ``r``. Each factor has a bias, so it fires on a cap around its key instead of on a
     half-space.
 
+    With ``questions`` (a sentence encoder, ``app.scen.questions``) the question is also read
+    as text: where an edit's subject factor passes theta, the subject's sentence with those
+    ``subject_len`` tokens replaced by a placeholder is encoded, and ``q``, which passes theta at a
+    cosine of ``question_cos`` with the edit's own question read alike, counts as well: the
+    activation is ``min(s, max(r, q))``. The encoder places a rewording near its question where
+    the model's keys at an early layer do not ("Which was the birthplace of Indira Gandhi?").
+
     With ``pooled=False`` (the paper's single neuron) ``r`` reads the key at the
-    routing position instead.
+    routing position instead, and ``questions`` is not read.
 
     The subject factor is read ``subject_margin`` logits stricter than its neuron's own
     bias: over many edits, a subject factor only fairly sure of its entity fires on
@@ -303,15 +320,19 @@ class Router(nn.Module):
     relation_b = _Rows()  # (E,)
     subject_len = _Rows()  # (E,) long
     subject_span = _Rows()  # (E, h_s)
+    question = _Rows()  # (E, d), d: the question encoder's size (0 without one)
     overrides: torch.Tensor
 
     def __init__(
         self, h_subject: int, h: int, theta: float, pooled: bool = True, subject_margin: float = 0.0,
         relation_margin: float = 0.0, subject_span_cos: float = 0.0, device: torch.device | None = None,
-        index: IndexSettings | None = DEFAULT_INDEX,
+        index: IndexSettings | None = DEFAULT_INDEX, questions: QuestionReader | None = None,
+        question_cos: float = 0.5,
     ):
         super().__init__()
         self.theta = theta
+        self.questions = questions if pooled else None
+        self.question_cos = question_cos
         self.subject_margin = subject_margin
         self.relation_margin = relation_margin
         self.subject_span_cos = subject_span_cos
@@ -327,6 +348,8 @@ class Router(nn.Module):
         self.register_buffer("_relation_b", torch.zeros(0, device=device))
         self.register_buffer("_subject_len", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("_subject_span", torch.zeros(0, h_subject, device=device))
+        d = self.questions.dim if self.questions is not None else 0
+        self.register_buffer("_question", torch.zeros(0, d, device=device))
         self.register_buffer("overrides", torch.zeros(0, 2, dtype=torch.long, device=device))  # (K, 2) newer, older
         self.index = NeuronIndex(h_subject, index)
 
@@ -338,7 +361,8 @@ class Router(nn.Module):
         h_s, h = self.get_buffer("_subject_w").shape[1], self.get_buffer("_relation_w").shape[1]
         empty = Router(
             h_s, h, self.theta, self.pooled, self.subject_margin, self.relation_margin, self.subject_span_cos,
-            device=self.get_buffer("_relation_w").device, index=self.index.settings,
+            device=self.get_buffer("_relation_w").device, index=self.index.settings, questions=self.questions,
+            question_cos=self.question_cos,
         )
         empty.subject_norm, empty.relation_norm = self.subject_norm, self.relation_norm
         return empty
@@ -407,9 +431,30 @@ class Router(nn.Module):
         sq = torch.einsum("bse,bst,bte->be", keep, gram, keep)
         return torch.sigmoid(dot / sq.clamp_min(1e-12).sqrt() + (relation_b - self.relation_margin))
 
+    def question_factor(
+        self, keys: RoutingKeys, s: torch.Tensor, subject_at: torch.Tensor, slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # -> (B, E), or (B, K) for ``slots``
+        """``q`` (see above) where the subject factor ``s`` (B, E) passes theta and the edit's
+        question is known; 0 elsewhere, and everywhere without ``questions`` or token ids."""
+        q = torch.zeros_like(s)
+        if self.questions is None or keys.ids is None:
+            return q
+        question = self._rows("question", slots)  # (E, d)
+        rows, cols = ((s > self.theta) & (question.abs().sum(-1) > 0)).nonzero().T
+        if not len(rows):
+            return q
+        last = subject_at[rows, cols]
+        first = (last - self._rows("subject_len", slots)[cols] + 1).clamp_min(0)
+        read = self.questions(keys.ids, keys.content, keys.sentence, rows, first, last).to(question)  # (P, d)
+        cos = (read * question[cols]).sum(-1)
+        at_theta = math.log(self.theta / (1 - self.theta))
+        q[rows, cols] = torch.sigmoid(_QUESTION_SCALE * (cos - self.question_cos) + at_theta)
+        return q
+
     def activations(self, keys: RoutingKeys) -> torch.Tensor:  # -> (B, E)
         s, at = self.subject_factor(keys.subject, keys.content)
-        return torch.minimum(s, self.relation_factor(keys, at))
+        asked = torch.maximum(self.relation_factor(keys, at), self.question_factor(keys, s, at))
+        return torch.minimum(s, asked)
 
     def route(self, keys: RoutingKeys) -> Routing:
         B = keys.relation.shape[0]
@@ -451,7 +496,9 @@ class Router(nn.Module):
             if self.pooled:
                 y = torch.zeros(asked.relation.shape, device=asked.relation.device)
                 y[asked.content] = self.relation_norm.whitened(asked.relation[asked.content])  # (B', T, h)
-            a[rows] = torch.minimum(s[rows], self.relation_factor(asked, at[rows], slots, whitened=y))
+            r = self.relation_factor(asked, at[rows], slots, whitened=y)
+            q = self.question_factor(asked, s[rows], at[rows], slots)
+            a[rows] = torch.minimum(s[rows], torch.maximum(r, q))
         eligible = a > self.theta
         pairs = _pairs_among(self.overrides, slots)
         if len(pairs):
@@ -481,8 +528,11 @@ class Router(nn.Module):
             self.overrides = torch.cat([self.overrides, pairs])
         if slot == self.capacity:
             self._reserve(max(16, 2 * slot))
+        # An edit whose question the encoder did not read (or read at another size) keeps zeros.
+        question = self.get_buffer("_question")[slot]
+        question = neuron.question if neuron.question.shape == question.shape else torch.zeros_like(question)
         rows = (neuron.subject, neuron.subject_bias, neuron.relation, neuron.relation_bias, neuron.subject_len,
-                neuron.subject_span)
+                neuron.subject_span, question)
         for name, value in zip(_Rows.NAMES, rows):
             getattr(self, f"_{name}")[slot] = value
         self._n += 1
@@ -526,6 +576,7 @@ class RoutingSession:
     content: torch.Tensor | None = None  # (B, T) bool, the user's text; None: every position up to ``at``
     sentence: torch.Tensor | None = None  # (B, T) long, where each position's sentence starts; None: one
     apart: ApartKeys | None = None  # keys of the rows of several sentences, each read alone
+    ids: torch.Tensor | None = None  # (B, T) token ids, for the question's text; None: not read
     routing: Routing | None = None
     experts: dict[int, Expert] | None = None  # slot -> expert, resolved with ``routing``
 
@@ -657,7 +708,8 @@ class RoutedDown(nn.Module):
         subject, relation = self._seen.get("subject", k), self._seen.get("relation", k)
         if session is not None and session.apart is not None:
             subject, relation = session.apart.over_subject(subject), session.apart.over_relation(relation)
-        return RoutingKeys(subject, content, relation, at, sentence)
+        ids = session.ids.to(k.device) if session is not None and session.ids is not None else None
+        return RoutingKeys(subject, content, relation, at, sentence, ids)
 
     def detach_taps(self) -> None:
         for tap in self._taps:
@@ -668,11 +720,11 @@ class RoutedDown(nn.Module):
     @contextlib.contextmanager
     def routing_session(
         self, at: torch.Tensor | None = None, content: torch.Tensor | None = None, sentence: torch.Tensor | None = None,
-        apart: ApartKeys | None = None,
+        apart: ApartKeys | None = None, ids: torch.Tensor | None = None,
     ):
         """Route each sequence once and hold it. Yields the session; its ``routing`` is set
         by the first forward pass."""
-        self.session = RoutingSession(at, content, sentence, apart)
+        self.session = RoutingSession(at, content, sentence, apart, ids)
         try:
             yield self.session
         finally:

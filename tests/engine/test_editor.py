@@ -110,6 +110,23 @@ def test_edits_stored_without_their_subjects_span_have_it_read_off_their_prompt_
     assert again.refits == 0
 
 
+def test_edits_stored_without_their_question_read_by_the_encoder_have_it_read_as_they_come_live():
+    editor = make_editor()
+    trained = {f"e{i}": editor.train(prompt, target) for i, (prompt, target) in enumerate(EDITS[:2])}
+    assert all(e.neuron.question.shape == (384,) and e.neuron.question.any() for e in trained.values())
+    stored = {i: dataclasses.replace(e, neuron=dataclasses.replace(e.neuron, question=torch.zeros(0)))
+              for i, e in trained.items()}
+    live = make_editor()
+    live.sync(list(stored), stored.__getitem__)
+    for edit_id, edit in trained.items():
+        assert torch.allclose(live.routing_part(edit_id).neuron.question, edit.neuron.question, atol=1e-5)
+    # Without the encoder a question is neither read nor needed.
+    plain = make_editor(question_encoder=False)
+    assert not plain.train(*EDITS[0]).neuron.question.numel()
+    plain.sync(list(trained), trained.__getitem__)
+    assert plain.routed.router.questions is None
+
+
 def test_a_low_rank_edit_keeps_its_full_deltas_leading_part_and_answers_its_target():
     full, low = make_editor(), make_editor(expert="lowrank", rank=4)
     prompt, target = EDITS[0]

@@ -1,0 +1,78 @@
+"""The question as the sentence encoder reads it, and the router reading it beside the relation factor."""
+
+import torch
+
+from app.scen import ScenConfig
+from app.scen.prompts import encode, prompt_tokens, subject_positions
+from app.scen.questions import QuestionReader, bundled_encoder
+from app.scen.routed import Neuron, Router, RoutingKeys
+from tests.utils.tiny_models import tiny_tokenizer
+
+
+def located(tokenizer, prompts: list[str], subject: str):
+    """The batch of ``prompts`` and, per row, the positions of the subject's first and last tokens."""
+    batch = encode(tokenizer, prompts)
+    T = batch.input_ids.shape[1]
+    first, last = [], []
+    for prompt in prompts:
+        tokens = prompt_tokens(tokenizer, prompt)
+        at = subject_positions(tokens, subject)
+        first.append(T - len(tokens.ids) + at[0])
+        last.append(T - len(tokens.ids) + at[-1])
+    return batch, torch.tensor(first), torch.tensor(last)
+
+
+def test_the_question_is_the_subjects_sentence_with_the_subject_replaced():
+    tok = tiny_tokenizer()
+    reader = QuestionReader(bundled_encoder(), tok)
+    batch, first, last = located(tok, ["I am writing a report. Who wrote Hamlet?", "Hamlet: who wrote it?"], "Hamlet")
+    row = [batch.input_ids[0], batch.content[0]]
+    assert reader.text(*row, batch.sentence[0], int(first[0]), int(last[0])) == "Who wrote something?"
+    # Read as one sentence, the preamble stays.
+    assert reader.text(*row, None, int(first[0]), int(last[0])) == "I am writing a report. Who wrote something?"
+    assert reader.text(batch.input_ids[1], batch.content[1], batch.sentence[1], int(first[1]), int(last[1])) == (
+        "something: who wrote it?"
+    )
+    read = reader(batch.input_ids, batch.content, batch.sentence, torch.arange(2), first, last)
+    assert read.shape == (2, reader.dim) and torch.allclose(read.norm(dim=-1), torch.ones(2))
+
+
+def test_the_encoder_places_a_rewording_above_the_cut_and_another_question_below():
+    encoder, cut = bundled_encoder(), ScenConfig().question_cos
+    asked, rewording, other = encoder([
+        "Who is the chief executive officer of something?", "Who is the CEO of something?",
+        "Where is something headquartered?",
+    ])
+    assert asked @ rewording > cut > asked @ other
+
+
+def test_the_router_routes_where_either_reading_of_the_question_fires():
+    tok = tiny_tokenizer()
+    reader = QuestionReader(bundled_encoder(), tok)
+    prompts = [
+        "Who is the chief executive officer of Globex?", "Who is the CEO of Globex?", "Where is Globex headquartered?",
+    ]
+    batch, first, last = located(tok, prompts, "Globex")
+    B, T = batch.input_ids.shape
+    h_s, h = 8, 6
+    subject = torch.eye(h_s)[0]
+    keys = torch.zeros(B, T, h_s)
+    keys[torch.arange(B), last] = subject
+    rk = RoutingKeys(keys, batch.content, torch.randn(B, T, h), batch.prompt_last, batch.sentence, batch.input_ids)
+    length = last[0] - first[0] + 1
+    question = reader(batch.input_ids, batch.content, batch.sentence, torch.tensor([0]), first[:1], last[:1])[0]
+    # A relation factor that never fires: only the encoder's reading can route.
+    neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(-30.0), length, torch.zeros(h_s),
+                    question)
+    reads, blind = Router(h_s, h, 0.65, questions=reader, question_cos=0.6), Router(h_s, h, 0.65)
+    for router in (reads, blind):
+        router.append(neuron)
+    assert reads.route(rk).slots.tolist() == [0, 0, -1]
+    assert blind.route(rk).slots.tolist() == [-1, -1, -1]
+    # Without token ids (keys recorded before they were kept) the encoder is not read.
+    assert reads.route(RoutingKeys(keys, batch.content, rk.relation, rk.at, rk.sentence)).slots.tolist() == [-1] * 3
+    # An edit whose question is unknown is read by its relation factor alone.
+    unknown = Router(h_s, h, 0.65, questions=reader, question_cos=0.6)
+    unknown.append(Neuron(*(getattr(neuron, f) for f in ("subject", "subject_bias", "relation", "relation_bias",
+                                                           "subject_len", "subject_span"))))
+    assert unknown.route(rk).slots.tolist() == [-1, -1, -1]
