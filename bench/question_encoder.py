@@ -66,9 +66,8 @@ def measure(lm, path: Path, n: int, cuts: list[float], margins: list[float]) -> 
                 c = torch.full_like(s, -1.0)
                 rows, cols = (s > theta).nonzero().T
                 if len(rows):
-                    last = at[rows, cols]
-                    first = (last - router.subject_len[cols] + 1).clamp_min(0)
-                    asked = reader(keys.ids, keys.content, keys.sentence, rows, first, last)
+                    length = router.subject_len[cols]
+                    asked = reader(keys.ids, keys.content, keys.sentence, rows, at[rows, cols], length)
                     c[rows, cols] = (asked * own[cols]).sum(-1)
             S.append(s)
             R.append(r)

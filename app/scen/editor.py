@@ -563,9 +563,8 @@ class Editor:
         if found is None or questions is None:
             return edit
         batch, end = found
-        last = torch.tensor([end])
-        first = (last - int(edit.neuron.subject_len) + 1).clamp_min(0)
-        question = questions(batch.input_ids, batch.content, batch.sentence, torch.tensor([0]), first, last)[0]
+        length = int(edit.neuron.subject_len)
+        question = questions.first_row(batch.input_ids, batch.content, batch.sentence, end, length)
         return dataclasses.replace(edit, neuron=dataclasses.replace(edit.neuron, question=question.cpu()))
 
     def _subject_in_prompt(self, edit: TrainedEdit) -> tuple[Batch, int] | None:

@@ -203,9 +203,8 @@ def own_question(router: Router, rec: EditRecording, length: int) -> torch.Tenso
     tokens ending at the subject's last left out), (d,); empty without an encoder."""
     if router.questions is None or rec.ids is None:
         return torch.zeros(0)
-    at = torch.tensor([rec.subject_at])
-    read = router.questions(rec.ids, rec.content, rec.sentence, torch.tensor([0]), (at - length + 1).clamp_min(0), at)
-    return read[0].to(rec.subject.device)
+    read = router.questions.first_row(rec.ids, rec.content, rec.sentence, rec.subject_at, length)
+    return read.to(rec.subject.device)
 
 
 def _same_subject(earlier: EarlierKeys, subject: torch.Tensor, config: ScenConfig) -> torch.Tensor:

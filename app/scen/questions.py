@@ -106,10 +106,12 @@ class QuestionReader:
 
     def __call__(
         self, ids: torch.Tensor, content: torch.Tensor, sentence: torch.Tensor | None,
-        rows: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+        rows: torch.Tensor, last: torch.Tensor, length: torch.Tensor,
     ) -> torch.Tensor:
-        """Embeddings (n, dim) of the questions of ``rows`` (n,), the subject of each spanning
-        ``first`` to ``last`` (n,); a question asked twice is encoded once."""
+        """Embeddings (n, dim) of the questions of ``rows`` (n,) of a batch (``ids``, ``content``,
+        ``sentence``: (B, T)), the subject of each the ``length`` tokens ending at ``last`` (n,);
+        a question asked twice is encoded once."""
+        first = (last - length + 1).clamp_min(0)
         texts = [
             self.text(ids[r], content[r], None if sentence is None else sentence[r], a, b)
             for r, a, b in zip(rows.tolist(), first.tolist(), last.tolist())
@@ -118,6 +120,13 @@ class QuestionReader:
         encoded = self.encoder(unique)
         at = {text: i for i, text in enumerate(unique)}
         return encoded[[at[text] for text in texts]]
+
+    def first_row(
+        self, ids: torch.Tensor, content: torch.Tensor, sentence: torch.Tensor | None, last: int, length: int,
+    ) -> torch.Tensor:
+        """The question (dim,) of a batch's first row, its subject the ``length`` tokens ending at
+        ``last``: an edit prompt's own, as training reads it."""
+        return self(ids, content, sentence, torch.tensor([0]), torch.tensor([last]), torch.tensor([length]))[0]
 
     def _decode(self, ids: torch.Tensor) -> str:
         return str(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)) if len(ids) else ""

@@ -443,9 +443,9 @@ class Router(nn.Module):
         rows, cols = ((s > self.theta) & (question.abs().sum(-1) > 0)).nonzero().T
         if not len(rows):
             return q
-        last = subject_at[rows, cols]
-        first = (last - self._rows("subject_len", slots)[cols] + 1).clamp_min(0)
-        read = self.questions(keys.ids, keys.content, keys.sentence, rows, first, last).to(question)  # (P, d)
+        length = self._rows("subject_len", slots)[cols]
+        read = self.questions(keys.ids, keys.content, keys.sentence, rows, subject_at[rows, cols], length)  # (P, d)
+        read = read.to(question)
         cos = (read * question[cols]).sum(-1)
         at_theta = math.log(self.theta / (1 - self.theta))
         q[rows, cols] = torch.sigmoid(_QUESTION_SCALE * (cos - self.question_cos) + at_theta)

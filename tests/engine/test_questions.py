@@ -34,7 +34,7 @@ def test_the_question_is_the_subjects_sentence_with_the_subject_replaced():
     assert reader.text(batch.input_ids[1], batch.content[1], batch.sentence[1], int(first[1]), int(last[1])) == (
         "something: who wrote it?"
     )
-    read = reader(batch.input_ids, batch.content, batch.sentence, torch.arange(2), first, last)
+    read = reader(batch.input_ids, batch.content, batch.sentence, torch.arange(2), last, last - first + 1)
     assert read.shape == (2, reader.dim) and torch.allclose(read.norm(dim=-1), torch.ones(2))
 
 
@@ -61,7 +61,7 @@ def test_the_router_routes_where_either_reading_of_the_question_fires():
     keys[torch.arange(B), last] = subject
     rk = RoutingKeys(keys, batch.content, torch.randn(B, T, h), batch.prompt_last, batch.sentence, batch.input_ids)
     length = last[0] - first[0] + 1
-    question = reader(batch.input_ids, batch.content, batch.sentence, torch.tensor([0]), first[:1], last[:1])[0]
+    question = reader.first_row(batch.input_ids, batch.content, batch.sentence, int(last[0]), int(length))
     # A relation factor that never fires: only the encoder's reading can route.
     neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(-30.0), length, torch.zeros(h_s),
                     question)
