@@ -36,7 +36,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = ["zsre_mend_train_1k.json", "counterfact_dev_2k.json"]
 
 
-def measure(lm, path: Path, n: int, cuts: list[float], margins: list[float]) -> dict:
+def measure(
+    lm, path: Path, n: int, cuts: list[float], margins: list[float], leads: list[float], floors: list[float],
+) -> dict:
     records = [r for r in load_dataset(path).records if r.editable and r.subject]
     random.Random(0).shuffle(records)
     edited, held = records[:n], records[n : n + 300]
@@ -64,18 +66,27 @@ def measure(lm, path: Path, n: int, cuts: list[float], margins: list[float]) -> 
                     r[m] = router.relation_factor(keys, at)
                 router.relation_margin = ScenConfig().relation_margin
                 c = torch.full_like(s, -1.0)
+                nb = torch.full_like(s, -1.0)
                 rows, cols = (s > theta).nonzero().T
                 if len(rows):
                     length = router.subject_len[cols]
                     asked = reader(keys.ids, keys.content, keys.sentence, rows, at[rows, cols], length)
                     c[rows, cols] = (asked * own[cols]).sum(-1)
+                    nb[rows, cols] = reader.rival(asked, own[cols], router.rival_cos)
             S.append(s)
             R.append(r)
-            C.append(c)
-        return torch.cat(S), {m: torch.cat([r[m] for r in R]) for m in margins}, torch.cat(C)
+            C.append((c, nb))
+        return (
+            torch.cat(S), {m: torch.cat([r[m] for r in R]) for m in margins},
+            (torch.cat([c for c, _ in C]), torch.cat([nb for _, nb in C])),
+        )
 
-    def qf(c: torch.Tensor, cut: float) -> torch.Tensor:
-        return torch.sigmoid(20 * (c - cut) + math.log(theta / (1 - theta)))
+    def qf(c: tuple[torch.Tensor, torch.Tensor], cut: float, lead: float | None = None, floor: float = 0.3):
+        cos, rival = c
+        above = cos - cut
+        if lead is not None:
+            above = torch.maximum(above, torch.minimum(cos - rival - lead, cos - floor))
+        return torch.sigmoid(20 * above + math.log(theta / (1 - theta)))
 
     def route(a: torch.Tensor) -> torch.Tensor:
         top, slot = a.max(-1)
@@ -86,6 +97,12 @@ def measure(lm, path: Path, n: int, cuts: list[float], margins: list[float]) -> 
         rules[f"encoder {cut}"] = lambda s, r, c, cut=cut: torch.minimum(s, qf(c, cut))
         for m in margins:
             rules[f"either {cut} {m}"] = lambda s, r, c, cut=cut, m=m: torch.minimum(s, torch.maximum(r[m], qf(c, cut)))
+            for lead in leads:
+                for floor in floors:
+                    rules[f"rivals {cut} {m} lead {lead} floor {floor}"] = (
+                        lambda s, r, c, cut=cut, m=m, lead=lead, floor=floor:
+                        torch.minimum(s, torch.maximum(r[m], qf(c, cut, lead, floor)))
+                    )
 
     rephrases = [(i, p) for i, r in enumerate(edited) for p in r.rephrases]
     probes = build_probes(edited, held, seed=0)
@@ -118,13 +135,17 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=300)
     parser.add_argument("--cuts", default="0.45,0.5,0.55,0.6")
     parser.add_argument("--margins", default="-2.5,-2,-1.5,-1")
+    parser.add_argument("--leads", default="", help="question_lead values to read the rival rule at")
+    parser.add_argument("--floors", default="0.3")
     parser.add_argument("--files", nargs="+", default=FILES)
     parser.add_argument("--out", type=Path, default=Path("bench/results/specificity/question_encoder/routing.json"))
     args = parser.parse_args()
     lm = load_model()
     cuts = [float(c) for c in args.cuts.split(",")]
     margins = [float(m) for m in args.margins.split(",")]
-    results = {name: measure(lm, DATA / name, args.edits, cuts, margins) for name in args.files}
+    leads = [float(v) for v in args.leads.split(",") if v]
+    floors = [float(v) for v in args.floors.split(",")]
+    results = {name: measure(lm, DATA / name, args.edits, cuts, margins, leads, floors) for name in args.files}
     args.out.write_text(json.dumps({"edits": args.edits, "results": results}, indent=1))
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 # Settings changed in place on the trained method (routing only); any other setting is retrained per value.
 INFERENCE_OPTIONS = {
-    "scen": {"theta", "subject_margin", "relation_margin", "subject_span_cos", "question_cos"},
+    "scen": {"theta", "subject_margin", "relation_margin", "subject_span_cos", "question_cos",
+             "question_lead", "question_floor", "rival_cos"},
     "grace": {"epsilon_scale"},
 }
 DEFAULTS = {"theta": None, "subject_margin": None, "relation_margin": None, "subject_span_cos": None,
-            "question_cos": None, "epsilon_scale": 1.0}
+            "question_cos": None, "question_lead": None, "question_floor": None,
+            "rival_cos": None, "epsilon_scale": 1.0}
 
 
 def _number(text: str) -> int | float:

@@ -91,6 +91,14 @@ class ScenConfig:
     # than the question's; 0.45 caught more probes for little, 0.55 and 0.6 lost rephrases.
     question_encoder: bool = True
     question_cos: float = 0.5
+    # Below ``question_cos`` an edit's question still counts as asked where the encoder reads
+    # the prompt's question nearer the edit's by ``question_lead`` than every generic question
+    # that asks something else (``relations.txt``, ``rephrasings.txt``; "something else": none
+    # of its wordings within ``rival_cos`` of the edit's question), at a cosine of at least
+    # ``question_floor``. None: the cut alone. Read at routing.
+    question_lead: float | None = 0.0
+    question_floor: float = 0.3
+    rival_cos: float = 0.5
 
     # Stage 1, the expert. "full" trains a dense copy of W_down (the paper); "lowrank" keeps
     # that copy's change at rank r (``training.fit_expert``): 1/38 of the storage at r=8

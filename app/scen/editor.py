@@ -129,11 +129,13 @@ class Editor:
         cfg = self.config
         questions = None
         if cfg.question_encoder and cfg.subject_factor:
-            questions = QuestionReader(bundled_encoder(str(self.device)), tokenizer)
+            rivals = negatives.question_templates() if cfg.question_lead is not None else ()
+            questions = QuestionReader(bundled_encoder(str(self.device)), tokenizer, rivals)
         router = Router(
             h_s, h_r, cfg.theta, pooled=cfg.subject_factor, subject_margin=cfg.subject_margin,
             relation_margin=cfg.relation_margin, subject_span_cos=cfg.subject_span_cos, device=self.device,
-            questions=questions, question_cos=cfg.question_cos,
+            questions=questions, question_cos=cfg.question_cos, question_lead=cfg.question_lead,
+            question_floor=cfg.question_floor, rival_cos=cfg.rival_cos,
         )
         self.routed = RoutedDown(down, router, subject_down, relation_down)
         self._subject_down, self._relation_down = subject_down, relation_down

@@ -75,6 +75,12 @@ def generic_questions(per_template: int = 3) -> list[tuple[str, str]]:
     return [(t.format(e), e) for t in _lines("relations.txt") for e in entities[::step][:per_template]]
 
 
+def question_templates() -> tuple[tuple[str, ...], ...]:
+    """Every generic question template, its wordings together: each line of ``relations.txt``
+    alone, then each group of ``rephrasings.txt``."""
+    return tuple((t,) for t in _lines("relations.txt")) + _blocks("rephrasings.txt")
+
+
 def rephrasing_groups(
     per_group: int = 3, wordings: Sequence[Sequence[str]] | None = None
 ) -> list[list[tuple[str, str]]]:

@@ -81,9 +81,20 @@ class QuestionReader:
     replaced by ``PLACEHOLDER``, decoded back to text with the edited model's tokenizer, then
     encoded."""
 
-    def __init__(self, encoder: QuestionEncoder, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self, encoder: QuestionEncoder, tokenizer: PreTrainedTokenizerBase,
+        rivals: Sequence[Sequence[str]] = (),
+    ):
+        """``rivals``: generic questions, each in one or more wordings, with ``{}`` for the
+        subject (``negatives.question_templates``), against which ``rival`` measures a reading."""
         self.encoder = encoder
         self.tokenizer = tokenizer
+        wordings = [t.format(PLACEHOLDER) for group in rivals for t in group]
+        self._rivals = encoder(wordings)  # (K, d)
+        self._rival_group = torch.tensor(
+            [g for g, group in enumerate(rivals) for _ in group], dtype=torch.long, device=self._rivals.device,
+        )  # (K,)
+        self._n_rivals = len(rivals)
 
     @property
     def dim(self) -> int:
@@ -127,6 +138,23 @@ class QuestionReader:
         """The question (dim,) of a batch's first row, its subject the ``length`` tokens ending at
         ``last``: an edit prompt's own, as training reads it."""
         return self(ids, content, sentence, torch.tensor([0]), torch.tensor([last]), torch.tensor([length]))[0]
+
+    def rival(self, read: torch.Tensor, own: torch.Tensor, unlike_cos: float) -> torch.Tensor:
+        """Per pair of a question read (P, d) and an edit's own question (P, d), the best cosine of
+        the read one with a rival question that is not the edit's: none of its wordings within
+        ``unlike_cos`` of ``own``. -1 where no rival is left (or none was given)."""
+        if not self._n_rivals or not len(read):
+            return torch.full(read.shape[:1], -1.0, device=read.device)
+        rivals = self._rivals.to(read)
+        index = self._rival_group.to(read.device).expand(len(read), -1)
+
+        def nearest_wording(x: torch.Tensor) -> torch.Tensor:  # (P, d) -> (P, groups)
+            empty = torch.full((len(x), self._n_rivals), -1.0, device=x.device, dtype=x.dtype)
+            return empty.scatter_reduce(1, index, x @ rivals.T, "amax")
+
+        to_read = nearest_wording(read)
+        to_read[nearest_wording(own) >= unlike_cos] = -1.0
+        return to_read.max(-1).values
 
     def _decode(self, ids: torch.Tensor) -> str:
         return str(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)) if len(ids) else ""

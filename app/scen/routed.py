@@ -285,6 +285,11 @@ class Router(nn.Module):
     cosine of ``question_cos`` with the edit's own question read alike, counts as well: the
     activation is ``min(s, max(r, q))``. The encoder places a rewording near its question where
     the model's keys at an early layer do not ("Which was the birthplace of Indira Gandhi?").
+    With ``question_lead`` a reading below that cut counts too where it is nearer the edit's
+    question than every generic question that asks something else (``QuestionReader.rival``)
+    by that lead, at a cosine of at least ``question_floor``: how near a rewording comes
+    differs from one question to the next ("X, a native speaker of" against "The mother
+    tongue of X is"), and what it is nearer to says more than one cut for all.
 
     With ``pooled=False`` (the paper's single neuron) ``r`` reads the key at the
     routing position instead, and ``questions`` is not read.
@@ -327,12 +332,16 @@ class Router(nn.Module):
         self, h_subject: int, h: int, theta: float, pooled: bool = True, subject_margin: float = 0.0,
         relation_margin: float = 0.0, subject_span_cos: float = 0.0, device: torch.device | None = None,
         index: IndexSettings | None = DEFAULT_INDEX, questions: QuestionReader | None = None,
-        question_cos: float = 0.5,
+        question_cos: float = 0.5, question_lead: float | None = None, question_floor: float = 0.3,
+        rival_cos: float = 0.5,
     ):
         super().__init__()
         self.theta = theta
         self.questions = questions if pooled else None
         self.question_cos = question_cos
+        self.question_lead = question_lead
+        self.question_floor = question_floor
+        self.rival_cos = rival_cos
         self.subject_margin = subject_margin
         self.relation_margin = relation_margin
         self.subject_span_cos = subject_span_cos
@@ -362,7 +371,8 @@ class Router(nn.Module):
         empty = Router(
             h_s, h, self.theta, self.pooled, self.subject_margin, self.relation_margin, self.subject_span_cos,
             device=self.get_buffer("_relation_w").device, index=self.index.settings, questions=self.questions,
-            question_cos=self.question_cos,
+            question_cos=self.question_cos, question_lead=self.question_lead, question_floor=self.question_floor,
+            rival_cos=self.rival_cos,
         )
         empty.subject_norm, empty.relation_norm = self.subject_norm, self.relation_norm
         return empty
@@ -447,8 +457,13 @@ class Router(nn.Module):
         read = self.questions(keys.ids, keys.content, keys.sentence, rows, subject_at[rows, cols], length)  # (P, d)
         read = read.to(question)
         cos = (read * question[cols]).sum(-1)
+        above = cos - self.question_cos  # (P,) how far the reading clears its cut, in cosine
+        if self.question_lead is not None:
+            rival = self.questions.rival(read, question[cols], self.rival_cos)
+            lead = torch.minimum(cos - rival - self.question_lead, cos - self.question_floor)
+            above = torch.maximum(above, lead)
         at_theta = math.log(self.theta / (1 - self.theta))
-        q[rows, cols] = torch.sigmoid(_QUESTION_SCALE * (cos - self.question_cos) + at_theta)
+        q[rows, cols] = torch.sigmoid(_QUESTION_SCALE * above + at_theta)
         return q
 
     def activations(self, keys: RoutingKeys) -> torch.Tensor:  # -> (B, E)

@@ -80,3 +80,55 @@ def test_the_router_routes_where_either_reading_of_the_question_fires():
     unknown.append(Neuron(*(getattr(neuron, f) for f in ("subject", "subject_bias", "relation", "relation_bias",
                                                            "subject_len", "subject_span"))))
     assert unknown.route(rk).slots.tolist() == [-1, -1, -1]
+
+
+RIVALS = [["Who founded {}?", "Who started {}?"], ["Where is the headquarters of {}?", "Where is {} based?"],
+          ["Who is the chief executive officer of {}?", "Who is the CEO of {}?"]]
+
+
+def test_a_rival_is_the_nearest_generic_question_that_asks_something_else():
+    encoder = bundled_encoder()
+    reader = QuestionReader(encoder, tiny_tokenizer(), RIVALS)
+    own, founded, started, leads = encoder([
+        "Who is the chief executive officer of something?", "Who founded something?", "Who started something?",
+        "Who leads something?",
+    ])
+    read = torch.stack([founded, leads])
+    rival = reader.rival(read, own.expand(2, -1), unlike_cos=0.5)
+    # The edit's own question in other words is no rival: the chief executive's group is left out.
+    others = encoder([t.format("something") for group in RIVALS[:2] for t in group])
+    assert torch.isclose(rival[0], torch.tensor(1.0), atol=1e-5)
+    assert torch.isclose(rival[1], (others @ leads).max(), atol=1e-5)
+    assert (others @ leads).max() < leads @ own  # nearer the edit's question than any rival
+    alone = QuestionReader(encoder, tiny_tokenizer())
+    assert alone.rival(read, own.expand(2, -1), 0.5).tolist() == [-1.0, -1.0]
+
+
+def test_a_reading_below_the_cut_routes_where_it_is_nearer_the_edit_than_every_rival():
+    tok = tiny_tokenizer()
+    reader = QuestionReader(bundled_encoder(), tok, RIVALS)
+    prompts = [
+        "Who is the chief executive officer of Globex?", "Who leads Globex?", "Who founded Globex?",
+        "Where is Globex headquartered?",
+    ]
+    batch, first, last = located(tok, prompts, "Globex")
+    B, T = batch.input_ids.shape
+    h_s, h = 8, 6
+    subject = torch.eye(h_s)[0]
+    keys = torch.zeros(B, T, h_s)
+    keys[torch.arange(B), last] = subject
+    rk = RoutingKeys(keys, batch.content, torch.randn(B, T, h), batch.prompt_last, batch.sentence, batch.input_ids)
+    length = last[0] - first[0] + 1
+    question = reader.first_row(batch.input_ids, batch.content, batch.sentence, int(last[0]), int(length))
+    neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(-30.0), length, torch.zeros(h_s),
+                    question)
+    cut_alone = Router(h_s, h, 0.65, questions=reader, question_cos=0.5)
+    leading = Router(h_s, h, 0.65, questions=reader, question_cos=0.5, question_lead=0.0, question_floor=0.3)
+    for router in (cut_alone, leading):
+        router.append(neuron)
+    # "Who leads" is under the cut (0.47) but nearer the edit's question than any rival (0.37);
+    # "Who founded" is a rival itself, and "headquartered" is nearer the headquarters' question.
+    assert cut_alone.route(rk).slots.tolist() == [0, -1, -1, -1]
+    assert leading.route(rk).slots.tolist() == [0, 0, -1, -1]
+    leading.question_floor = 0.5
+    assert leading.route(rk).slots.tolist() == [0, -1, -1, -1]
