@@ -47,13 +47,10 @@ def test_the_encoder_places_a_rewording_above_the_cut_and_another_question_below
     assert asked @ rewording > cut > asked @ other
 
 
-def test_the_router_routes_where_either_reading_of_the_question_fires():
-    tok = tiny_tokenizer()
-    reader = QuestionReader(bundled_encoder(), tok)
-    prompts = [
-        "Who is the chief executive officer of Globex?", "Who is the CEO of Globex?", "Where is Globex headquartered?",
-    ]
-    batch, first, last = located(tok, prompts, "Globex")
+def globex_edit(reader: QuestionReader, prompts: list[str]) -> tuple[RoutingKeys, Neuron]:
+    """Keys of ``prompts`` whose subject keys name Globex, and an edit of the first prompt whose
+    relation factor never fires: only the encoder's reading can route."""
+    batch, first, last = located(reader.tokenizer, prompts, "Globex")
     B, T = batch.input_ids.shape
     h_s, h = 8, 6
     subject = torch.eye(h_s)[0]
@@ -62,9 +59,18 @@ def test_the_router_routes_where_either_reading_of_the_question_fires():
     rk = RoutingKeys(keys, batch.content, torch.randn(B, T, h), batch.prompt_last, batch.sentence, batch.input_ids)
     length = last[0] - first[0] + 1
     question = reader.first_row(batch.input_ids, batch.content, batch.sentence, int(last[0]), int(length))
-    # A relation factor that never fires: only the encoder's reading can route.
-    neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(-30.0), length, torch.zeros(h_s),
-                    question)
+    return rk, Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(-30.0), length,
+                      torch.zeros(h_s), question)
+
+
+def test_the_router_routes_where_either_reading_of_the_question_fires():
+    tok = tiny_tokenizer()
+    reader = QuestionReader(bundled_encoder(), tok)
+    prompts = [
+        "Who is the chief executive officer of Globex?", "Who is the CEO of Globex?", "Where is Globex headquartered?",
+    ]
+    rk, neuron = globex_edit(reader, prompts)
+    h_s, h = 8, 6
     reads, blind = Router(h_s, h, 0.65, questions=reader, question_cos=0.6), Router(h_s, h, 0.65)
     every_size = IndexSettings(min_neurons=0, rows_per_list=4, probes=8)
     indexed = Router(h_s, h, 0.65, questions=reader, question_cos=0.6, index=every_size)
@@ -74,7 +80,7 @@ def test_the_router_routes_where_either_reading_of_the_question_fires():
     assert indexed.route(rk).slots.tolist() == [0, 0, -1]  # through the subject index, the same rule
     assert blind.route(rk).slots.tolist() == [-1, -1, -1]
     # Without token ids (keys recorded before they were kept) the encoder is not read.
-    assert reads.route(RoutingKeys(keys, batch.content, rk.relation, rk.at, rk.sentence)).slots.tolist() == [-1] * 3
+    assert reads.route(RoutingKeys(rk.subject, rk.content, rk.relation, rk.at, rk.sentence)).slots.tolist() == [-1] * 3
     # An edit whose question is unknown is read by its relation factor alone.
     unknown = Router(h_s, h, 0.65, questions=reader, question_cos=0.6)
     unknown.append(Neuron(*(getattr(neuron, f) for f in ("subject", "subject_bias", "relation", "relation_bias",
@@ -111,17 +117,8 @@ def test_a_reading_below_the_cut_routes_where_it_is_nearer_the_edit_than_every_r
         "Who is the chief executive officer of Globex?", "Who leads Globex?", "Who founded Globex?",
         "Where is Globex headquartered?",
     ]
-    batch, first, last = located(tok, prompts, "Globex")
-    B, T = batch.input_ids.shape
+    rk, neuron = globex_edit(reader, prompts)
     h_s, h = 8, 6
-    subject = torch.eye(h_s)[0]
-    keys = torch.zeros(B, T, h_s)
-    keys[torch.arange(B), last] = subject
-    rk = RoutingKeys(keys, batch.content, torch.randn(B, T, h), batch.prompt_last, batch.sentence, batch.input_ids)
-    length = last[0] - first[0] + 1
-    question = reader.first_row(batch.input_ids, batch.content, batch.sentence, int(last[0]), int(length))
-    neuron = Neuron(20 * subject, torch.tensor(-8.0), torch.zeros(h), torch.tensor(-30.0), length, torch.zeros(h_s),
-                    question)
     cut_alone = Router(h_s, h, 0.65, questions=reader, question_cos=0.5)
     leading = Router(h_s, h, 0.65, questions=reader, question_cos=0.5, question_lead=0.0, question_floor=0.3)
     for router in (cut_alone, leading):
