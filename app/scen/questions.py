@@ -104,10 +104,10 @@ class QuestionReader:
         self, ids: torch.Tensor, content: torch.Tensor, sentence: torch.Tensor | None, first: int, last: int,
     ) -> str:
         """The question of one row (``ids``, ``content``, ``sentence``: (T,)) whose subject spans
-        positions ``first`` to ``last``."""
+        positions ``first`` to ``last``: the subject's sentence, the subject replaced."""
         keep = content.clone()
-        if sentence is not None:
-            keep &= sentence == sentence[first]
+        if sentence is not None:  # the sentence of the subject's last token (``routed.question_span``)
+            keep &= sentence == sentence[last]
         t = torch.arange(len(ids), device=ids.device)
         before = self._decode(ids[keep & (t < first)])
         after = self._decode(ids[keep & (t > last)])

@@ -227,19 +227,23 @@ def question_span(
     content: torch.Tensor, at: torch.Tensor, length: torch.Tensor, sentence: torch.Tensor | None,
 ) -> torch.Tensor:
     """Positions (..., B, T) whose keys make the question's key: the sentence that a subject of
-    ``length`` tokens ending at ``at`` (..., B) starts in, less the subject, of the user's text
+    ``length`` tokens ending at ``at`` (..., B) ends in, less the subject, of the user's text
     (``content``, (B, T); ``sentence``, (B, T): where each position's sentence starts; None: one
     sentence). The other sentences ask nothing of that subject: a preamble ("I am writing a
     report. Who runs Globex?"), or a question about another one ("I read about Globex. Who runs
     Initech?"). Where nothing would be left ("Who runs it? Globex."), the whole text less the
-    subject counts."""
+    subject counts.
+
+    The sentence is the one of the subject's last token, where its factor peaks: a subject's
+    length in tokens is the edit prompt's, and differs where the subject is spelled otherwise
+    ("Kenneth" opening a message is two tokens, " Kenneth" one), so its first token may fall
+    in the sentence before."""
     T = content.shape[-1]
     keep = content & ~subject_window(at, length, T)
     if sentence is None:
         return keep
-    first = (at - length + 1).clamp(0, T - 1)  # (..., B)
     rows = torch.arange(sentence.shape[0], device=sentence.device)
-    start = sentence[rows, first]  # (..., B)
+    start = sentence[rows, at.clamp(0, T - 1)]  # (..., B)
     own = keep & (sentence == start[..., None])
     return torch.where(own.any(-1, keepdim=True), own, keep)
 

@@ -36,6 +36,11 @@ def test_the_question_is_the_subjects_sentence_with_the_subject_replaced():
     )
     read = reader(batch.input_ids, batch.content, batch.sentence, torch.arange(2), last, last - first + 1)
     assert read.shape == (2, reader.dim) and torch.allclose(read.norm(dim=-1), torch.ones(2))
+    # A subject counted one token longer than it is here (spelled otherwise in the edit prompt)
+    # reaches into the preamble; its own sentence is still the one read.
+    opening, first, last = located(tok, ["I am writing a report. Hamlet: who wrote it?"], "Hamlet")
+    row = [opening.input_ids[0], opening.content[0], opening.sentence[0]]
+    assert reader.text(*row, int(first[0]) - 1, int(last[0])) == "something: who wrote it?"
 
 
 def test_the_encoder_places_a_rewording_above_the_cut_and_another_question_below():

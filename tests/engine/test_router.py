@@ -128,10 +128,9 @@ def test_relation_factor_reads_the_question_less_the_subject_where_the_subject_f
     _, peaks = router.subject_factor(keys.subject, keys.content)  # (B, E)
     got = router.relation_factor(keys, peaks)
     for e in range(E):  # the definition: each edit's question key, then its neuron
-        first = (peaks[:, e] - router.subject_len[e] + 1).clamp_min(0)  # (B,) the subject's first token
-        # The sentence the subject starts in, less the subject.
+        # The sentence the subject ends in, less the subject.
         keep = content & ~subject_window(peaks[:, e], router.subject_len[e], T)
-        own = keep & (sentence == sentence[torch.arange(B), first][:, None])
+        own = keep & (sentence == sentence[torch.arange(B), peaks[:, e]][:, None])
         keep = torch.where(own.any(1, keepdim=True), own, keep)  # nothing left: the whole text
         key = router.relation_norm(question_keys(keys.relation, keep))  # (B, h)
         want = torch.sigmoid(key @ router.relation_w[e] + router.relation_b[e])
@@ -154,6 +153,17 @@ def test_question_span_is_the_subjects_sentence_unless_nothing_would_be_left():
     assert got.int().tolist() == [[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
     assert question_span(content, at, length, None).int().tolist() == [
         [1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]]
+
+
+def test_question_span_is_the_sentence_of_the_subjects_last_token():
+    from app.scen.routed import question_span
+
+    # "Hi. [Kenneth Cragg] holds what": the edit prompt spelled the subject in three tokens
+    # ("K", "enneth", " Cragg"), here it takes two, so its first token would fall on the preamble.
+    content = torch.ones(1, 6, dtype=torch.bool)
+    sentence = torch.tensor([[0, 0, 2, 2, 2, 2]])
+    got = question_span(content, torch.tensor([3]), torch.tensor([3]), sentence)
+    assert got.int().tolist() == [[0, 0, 0, 0, 1, 1]]
 
 
 def test_subject_window_ends_at_the_peak():
