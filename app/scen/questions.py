@@ -76,6 +76,13 @@ def bundled_encoder(device: str = "cpu") -> QuestionEncoder:
     return QuestionEncoder(AutoModel.from_pretrained(path).to(device), AutoTokenizer.from_pretrained(path))
 
 
+@functools.cache
+def _encoded(encoder: QuestionEncoder, texts: tuple[str, ...]) -> torch.Tensor:
+    """``encoder(texts)``, once per process: the rivals are the same for every editor (encoding
+    them takes about a second on a CPU core)."""
+    return encoder(texts)
+
+
 class QuestionReader:
     """Reads the question of routed rows: the tokens of the subject's sentence, the subject
     replaced by ``PLACEHOLDER``, decoded back to text with the edited model's tokenizer, then
@@ -89,8 +96,7 @@ class QuestionReader:
         subject (``negatives.question_templates``), against which ``rival`` measures a reading."""
         self.encoder = encoder
         self.tokenizer = tokenizer
-        wordings = [t.format(PLACEHOLDER) for group in rivals for t in group]
-        self._rivals = encoder(wordings)  # (K, d)
+        self._rivals = _encoded(encoder, tuple(t.format(PLACEHOLDER) for group in rivals for t in group))  # (K, d)
         self._rival_group = torch.tensor(
             [g for g, group in enumerate(rivals) for _ in group], dtype=torch.long, device=self._rivals.device,
         )  # (K,)
