@@ -11,7 +11,12 @@ at cosine ``c`` (``Router.question_factor``). Routing rules compared, re-read fr
 
 * ``engine m``: min(s, r), the relation factor ``r`` alone, read at relation margin m;
 * ``encoder c``: min(s, q), the encoder instead of the relation factor;
-* ``either c m``: min(s, max(r, q)), what the router does with ``question_cos`` c.
+* ``either c m``: min(s, max(r, q)), what the router does with ``question_cos`` c;
+* ``rivals c m lead L floor F unlike U``: the same with the rival rule (``--leads``, ``--floors``,
+  ``--rival-cos``).
+
+On CounterFact, the rephrases labelled in ``bench/data/counterfact_rephrase_kinds.json`` (the
+edit's question reworded, or another question about the subject) are also counted per kind.
 
 Results: bench/results/specificity/question_encoder/routing.json.
 """
