@@ -149,13 +149,14 @@ def measure(
 def rephrases_by_kind(result: dict, kinds: dict) -> dict:
     """Per rule, the share of labelled rephrases routed to their own edit, per kind."""
     index = result["rephrase_record_index"]
+    labelled = {kind: [j for j, i in enumerate(index) if i in set(kinds[kind])] for kind in ("same", "other")}
     out = {}
     for name, rule in result["rules"].items():
         each = rule["rephrase_routed_own_each"]
-        out[name] = {}
-        for kind in ("same", "other"):
-            hits = [each[j] == "1" for j, i in enumerate(index) if i in set(kinds[kind])]
-            out[name][kind] = {"n": len(hits), "routed_own": sum(hits) / max(len(hits), 1)}
+        out[name] = {
+            kind: {"n": len(at), "routed_own": sum(each[j] == "1" for j in at) / max(len(at), 1)}
+            for kind, at in labelled.items()
+        }
     return out
 
 

@@ -79,7 +79,7 @@ def bundled_encoder(device: str = "cpu") -> QuestionEncoder:
 @functools.cache
 def _encoded(encoder: QuestionEncoder, texts: tuple[str, ...]) -> torch.Tensor:
     """``encoder(texts)``, once per process: the rivals are the same for every editor (encoding
-    them takes about a second on a CPU core)."""
+    them takes two to three seconds on a busy CPU core)."""
     return encoder(texts)
 
 
